@@ -1,0 +1,80 @@
+"""The transfer report: per target weight what was done and kept, and a human summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+
+def _mean(values: list[float | None]) -> float | None:
+  vals = [v for v in values if v is not None]
+  return sum(vals) / len(vals) if vals else None
+
+
+@dataclasses.dataclass
+class Report:
+  """What one adapter's transfer did; ``to_json`` is the ``--report`` file."""
+
+  adapter: str
+  source: str
+  target: str
+  config: dict[str, Any]
+  entries: list[dict[str, Any]]  # one per target weight
+  skipped: list[dict[str, Any]]  # source modules not transferred, with reasons
+  layer_map: list[int | None]
+  seconds: float
+  seconds_decompose: float
+  output_dtype: str
+  summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def build(cls, **kwargs) -> "Report":
+    report = cls(**kwargs)
+    e = report.entries
+    report.summary = {
+        "modules_transferred": len(e),
+        "modules_skipped": len(report.skipped),
+        "mean_energy_source": _mean([x["energy_source"] for x in e]),
+        "mean_energy_target": _mean([x["energy_target"] for x in e]),
+        "mean_norm_ratio": _mean([x["norm_ratio"] for x in e]),
+        "mean_overlap": _mean([x["overlap"] for x in e]),
+        "rank_used": sorted({x["rank_used"] for x in e if x["rank_used"] is not None}),
+    }
+    return report
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, default=_jsonable)
+
+  def text(self) -> str:
+    """A few lines a person reads on stdout."""
+    s = self.summary
+    fmt = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+    by_module: dict[str, int] = {}
+    for x in self.entries:
+      by_module[x["module"]] = by_module.get(x["module"], 0) + 1
+    lines = [
+        f"{self.adapter}: {self.config['method']} {self.source} -> {self.target}",
+        f"  transferred {s['modules_transferred']} weights ("
+        + ", ".join(f"{m} x{n}" for m, n in by_module.items()) + f"), skipped {s['modules_skipped']}",
+        f"  rank used {s['rank_used'] or 'n/a'}; energy captured source {fmt(s['mean_energy_source'])}, "
+        f"target {fmt(s['mean_energy_target'])}; |dW_t|/|dW_s| {fmt(s['mean_norm_ratio'])}; "
+        f"overlap {fmt(s['mean_overlap'])}",
+        f"  {self.seconds:.1f} s ({self.seconds_decompose:.1f} s decomposing base weights), output {self.output_dtype}",
+    ]
+    reasons: dict[str, int] = {}
+    for x in self.skipped:
+      reasons[x["reason"]] = reasons.get(x["reason"], 0) + 1
+    for reason, n in reasons.items():
+      lines.append(f"  skipped {n}: {reason}")
+    return "\n".join(lines)
+
+
+def _jsonable(x: Any) -> Any:
+  if hasattr(x, "tolist"):
+    return x.tolist()
+  return str(x)

@@ -1,0 +1,132 @@
+r"""Move PEFT LoRA adapters from one Hugging Face base model to another, data-free.
+
+  python -m crosslora_jax.transfer \
+      --source_model path/to/source_hf_folder --target_model path/to/target_hf_folder \
+      --adapter path/to/peft_adapter --output path/to/new_adapter [--method cross_lora]
+
+Methods:
+  cross_lora    Cross-LoRA (arXiv 2508.05232), dimension-consistent: project the LoRA
+                factors through the rank-r SVD subspaces of the source and target base
+                weights: dW_t = U_t (U_s^T dW_s V_s) V_t^T. Works across shapes.
+  lora_x        LoRA-X projection onto the target's subspaces (equal shapes only).
+  copy          Copy the factors unchanged (equal shapes only).
+  truncate_pad  Cut or zero-pad the factors to the target's sizes (what the paper's
+                authors' code effectively does; a baseline).
+
+With several --adapter flags, --output gets one subfolder per adapter (named after the
+adapter folder). Outputs are written to a temporary folder, checked, then renamed, so a
+failure leaves nothing half-written. Bad input exits with status 2 and one line naming
+the file, the key and the fix.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+from absl import app, flags, logging
+
+from crosslora_jax import engine, io, kernels, planning
+from crosslora_jax.errors import CrossLoraError
+from crosslora_jax.progress import ProgressBar
+
+_SOURCE = flags.DEFINE_string("source_model", None, "HF folder of the base model the adapter was trained on.")
+_TARGET = flags.DEFINE_string("target_model", None, "HF folder of the base model to move the adapter to.")
+_ADAPTER = flags.DEFINE_multi_string("adapter", [], "PEFT adapter folder (repeat for several).")
+_OUTPUT = flags.DEFINE_string("output", None, "Output folder (one subfolder per adapter when several).")
+_METHOD = flags.DEFINE_enum("method", "cross_lora", planning.METHODS, "Transfer method (see above).")
+_RANK = flags.DEFINE_integer("rank", 320, "Truncation rank r of the base-weight SVDs; clipped per weight "
+                             "to min(r, m_s, n_s, m_t, n_t).")
+_LAYER_MAP = flags.DEFINE_enum("layer_map", "auto", planning.LAYER_MAPS,
+                               "identity: layer i -> i (paper); depth: by relative depth; "
+                               "auto: identity when layer counts match, else depth.")
+_SVD = flags.DEFINE_enum("svd", "exact", kernels.SVD_METHODS, "Truncated SVD algorithm.")
+_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed (randomized SVD).")
+_SOLVER = flags.DEFINE_enum("solver", "closed", ["closed", "lstsq"],
+                            "Least-squares alignment: closed form U_s^T x, or jnp.linalg.lstsq.")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float16", "bfloat16", "float32"],
+                           "Output dtype (default: the adapter's own).")
+_REPORT = flags.DEFINE_string("report", None, "Write the JSON report here (per target weight details).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
+_SKIP_UNSUPPORTED = flags.DEFINE_bool(
+    "skip_unsupported", False, "Drop DoRA / embedding-LoRA / modules_to_save / lora_bias tensors "
+    "(listed in the report) instead of refusing the adapter.")
+_BASE_NAME = flags.DEFINE_string("base_model_name_or_path", None,
+                                 "base_model_name_or_path to write (default: the target's name).")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
+# Quiet by default (JAX logs backend probing at INFO); --verbosity=1 shows logs and tracebacks.
+flags.FLAGS.set_default("verbosity", logging.WARNING)
+
+
+def config_from_flags() -> engine.TransferConfig:
+  return engine.TransferConfig(
+      method=_METHOD.value, rank=_RANK.value, layer_map=_LAYER_MAP.value, svd=_SVD.value, seed=_SEED.value,
+      solver=_SOLVER.value, dtype=_DTYPE.value, skip_unsupported=_SKIP_UNSUPPORTED.value,
+      base_model_name=_BASE_NAME.value)
+
+
+def run() -> list[engine.TransferResult]:
+  """Flags -> config -> engine.transfer -> atomic write. Raises CrossLoraError on bad input."""
+  missing = [f"--{f.name}" for f in (_SOURCE, _TARGET, _OUTPUT) if not f.value]
+  if not _ADAPTER.value:
+    missing.append("--adapter")
+  if missing:
+    raise CrossLoraError(f"command line: {', '.join(missing)} expected, got none. See --help.")
+  config = config_from_flags()
+  output = io.check_output_path(_OUTPUT.value, overwrite=_OVERWRITE.value)
+  if _REPORT.value:
+    io.check_output_path(_REPORT.value, overwrite=True)
+  names = [pathlib.Path(a).name for a in _ADAPTER.value]
+  if len(set(names)) != len(names):
+    raise CrossLoraError(f"--adapter: folders with distinct names expected (they name the output subfolders), "
+                         f"got {names}. Rename or copy one of them.")
+  progress = ProgressBar() if _PROGRESS.value else None
+  results = engine.transfer(_SOURCE.value, _TARGET.value, _ADAPTER.value, config, progress=progress)
+  target_arch = engine.open_base(_TARGET.value).arch
+  with io.atomic_folder(output, overwrite=_OVERWRITE.value) as tmp:
+    for name, result in zip(names, results):
+      folder = tmp / name if len(results) > 1 else tmp
+      folder.mkdir(exist_ok=True)
+      dtype = config.dtype or result.report.output_dtype
+      from crosslora_jax import peft_format
+      peft_format.write_adapter_files(result.adapter, folder, peft_format.DTYPES[dtype])
+      io.verify_adapter_folder(folder, result.adapter, dtype, target_arch)
+    if _REPORT.value:
+      report_json = (results[0].report.to_json() if len(results) == 1 else
+                     "[\n" + ",\n".join(r.report.to_json() for r in results) + "\n]")
+      pathlib.Path(_REPORT.value).write_text(report_json + "\n")
+  for result in results:
+    print(result.report.text())
+  print(f"wrote {output}")
+  return results
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    print(f"command line: flags only expected, got extra arguments {argv[1:]}. See --help.", file=sys.stderr)
+    return 2
+  try:
+    run()
+  except CrossLoraError as e:
+    if logging.get_verbosity() >= logging.DEBUG:
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, but a bad flag is bad input: one line and exit status 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: command line: {e}. See --help.", file=sys.stderr)
+    sys.exit(2)
+
+
+def entry_point() -> None:
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)
