@@ -154,7 +154,8 @@ class Architecture:
     where = f"{source}" + (" text_config" if spec.text_config else "")
 
     def field(name: str, default: Any = None) -> int:
-      value = cfg.get(name, default)
+      value = cfg.get(name)
+      value = default if value is None else value
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise CrossLoraError(
             f"{where}: {name} expected a positive integer (needed by {spec.name} checkpoints), "
@@ -167,8 +168,7 @@ class Architecture:
     num_kv = field(spec.kv_heads_field, num_heads) if spec.kv_heads_field else num_heads
     head_dim = cfg.get("head_dim") or hidden // num_heads
     head_dim = field("head_dim", head_dim)
-    default_ffn = 4 * hidden if spec.conv1d else None
-    intermediate = field(spec.intermediate_field, cfg.get(spec.intermediate_field) or default_ffn)
+    intermediate = field(spec.intermediate_field, 4 * hidden if spec.conv1d else None)  # GPT-2: n_inner=None
     prefix = spec.layer_prefixes[0]
     if keys is not None:
       keys = set(keys)

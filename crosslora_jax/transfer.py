@@ -122,6 +122,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as e:
     print(f"error: command line: {e}. See --help.", file=sys.stderr)
     sys.exit(2)
+  except SystemExit as e:  # absl exits 1 after printing --help; asking for help is no error
+    help_flags = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+    sys.exit(0 if any(a in help_flags for a in argv[1:]) else e.code)
 
 
 def entry_point() -> None:
