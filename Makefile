@@ -1,0 +1,18 @@
+# make demo: install (CPU torch first), fetch the real models, run the README demo.
+# make test: the whole test suite, real-model tests included (scripts/test.sh).
+PYTHON ?= python
+
+.PHONY: install demo test bench
+
+install:
+	$(PYTHON) -m pip install --quiet torch==2.13.0
+	$(PYTHON) -m pip install --quiet -e '.[test]'
+
+demo: install
+	$(PYTHON) scripts/demo.py
+
+test:
+	bash scripts/test.sh
+
+bench:
+	$(PYTHON) scripts/bench_quality.py
