@@ -143,7 +143,7 @@ class Architecture:
                   source: str = "config.json") -> "Architecture":
     """Reads sizes from an HF config dict; ``keys`` (the checkpoint's) picks the prefix."""
     model_type = config.get("model_type")
-    spec = _BY_MODEL_TYPE.get(model_type)
+    spec = _BY_MODEL_TYPE.get(model_type) if isinstance(model_type, str) else None
     if spec is None:
       raise CrossLoraError(
           f"{source}: model_type expected one of {', '.join(SUPPORTED_MODEL_TYPES)}, "

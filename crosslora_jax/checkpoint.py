@@ -74,6 +74,31 @@ class _WeightMixin:
   def _where(self, key: str) -> str:
     return key
 
+  def check_layout(self, *, require_all: bool) -> None:
+    """Checks the stored shape of every layer's linear weights against the config, before any work.
+
+    Reads shapes only (safetensors headers), so a checkpoint that does not match its
+    config.json is refused up front, naming the first bad key. ``require_all``: a
+    missing key is an error too (a folder must be complete; a dict may hold a subset).
+    """
+    problems = []
+    for layer in range(self.arch.num_layers):
+      for stored in self.arch.spec.stored:
+        key = self.arch.weight_key(layer, stored)
+        expected = self.arch.stored_shape(stored)
+        if not self.has(key):
+          if require_all:
+            problems.append(f"{self._where(key)}: tensor expected ({self.arch.model_type} with "
+                            f"{self.arch.num_layers} layers per config.json), got no such key")
+          continue
+        got = tuple(self.shape(key))
+        got = got[::-1] if self.arch.spec.conv1d else got
+        if got != expected:
+          problems.append(f"{self._where(key)}: shape expected {expected} (out, in) from config.json, got {got}")
+    if problems:
+      raise CrossLoraError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                           + ". The weights do not match their config.")
+
 
 class Checkpoint(_WeightMixin):
   """An HF model folder, read lazily."""
@@ -96,6 +121,7 @@ class Checkpoint(_WeightMixin):
         raise CrossLoraError(f"{self.path / INDEX_FILE}: weight_map names {missing[0]!r}, which its shard does not hold. Re-download the checkpoint.")
     self.arch = Architecture.from_config(self.config, self._key_to_file, source=str(self.path / "config.json"))
     self.name = str(self.config.get("_name_or_path") or self.path.resolve())
+    self.check_layout(require_all=True)
 
   def _find_files(self) -> dict[str, pathlib.Path]:
     self._index_map = None
@@ -176,12 +202,16 @@ class DictWeights(_WeightMixin):
     self._weights = weights
     self.arch = Architecture.from_config(self.config, weights.keys(), source=f"{name} config")
     self.name = name
+    self.check_layout(require_all=False)
 
   def has(self, key: str) -> bool:
     return key in self._weights
 
   def keys(self) -> list[str]:
     return list(self._weights)
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return tuple(np.shape(self._weights[key]))
 
   def tensor(self, key: str) -> np.ndarray:
     if key not in self._weights:

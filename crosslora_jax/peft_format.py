@@ -131,6 +131,7 @@ def targets_module(config: Mapping[str, Any], module_path: str) -> bool:
 
 
 def _check_config(config: dict[str, Any], where: pathlib.Path) -> None:
+  """Collects every config problem that would crash or mislead later, then raises once."""
   problems = []
   peft_type = str(config.get("peft_type", "LORA")).upper()
   if peft_type != "LORA":
@@ -142,8 +143,65 @@ def _check_config(config: dict[str, Any], where: pathlib.Path) -> None:
   if config.get("use_dora"):
     problems.append(f"{where}: use_dora expected false, got true. DoRA magnitude vectors cannot be transferred; "
                     "retrain as plain LoRA")
+  target = config.get("target_modules")
+  if target is not None and not isinstance(target, str) and not (
+      isinstance(target, list) and all(isinstance(t, str) for t in target)):
+    problems.append(f"{where}: target_modules expected a list of module names or a regex string, got {target!r}")
+  elif isinstance(target, str):
+    problems += _regex_problems(where, "target_modules", [target])
+  exclude = config.get("exclude_modules")
+  if exclude is not None and not isinstance(exclude, str) and not (
+      isinstance(exclude, list) and all(isinstance(t, str) for t in exclude)):
+    problems.append(f"{where}: exclude_modules expected a list of module names or a regex string, got {exclude!r}")
+  elif isinstance(exclude, str):
+    problems += _regex_problems(where, "exclude_modules", [exclude])
+  layers = config.get("layers_to_transform")
+  if layers is not None and not isinstance(layers, int) and not (
+      isinstance(layers, list) and all(isinstance(i, int) for i in layers)):
+    problems.append(f"{where}: layers_to_transform expected a layer index or a list of them, got {layers!r}")
+  for field in ("rank_pattern", "alpha_pattern"):
+    patterns = config.get(field)
+    if patterns is None:
+      continue
+    if not isinstance(patterns, dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in patterns.values()):
+      problems.append(f"{where}: {field} expected an object of regex -> positive number, got {patterns!r}")
+    else:
+      problems += _regex_problems(where, field, list(patterns))
   if problems:
     raise CrossLoraError("; ".join(problems) + ".")
+
+
+def _regex_problems(where: pathlib.Path, field: str, patterns: list[str]) -> list[str]:
+  problems = []
+  for pattern in patterns:
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      problems.append(f"{where}: {field} expected valid regular expressions, got {pattern!r} ({e})")
+  return problems
+
+
+def _unsupported_reason(key: str, config: Mapping[str, Any]) -> str | None:
+  """Why ``key`` is not a plain LoRA factor that can be moved (None: it is one)."""
+  reason = next((why for marker, why in _UNSUPPORTED if marker in key), None)
+  if reason is not None:
+    return reason
+  saved = config.get("modules_to_save") or []
+  module = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
+  module = module.rsplit(".", 1)[0]  # drop .weight / .bias
+  if any(module == m or module.endswith("." + m) for m in saved if isinstance(m, str)):
+    return dict(_UNSUPPORTED)["modules_to_save"]
+  if key.endswith(".base_layer.weight"):
+    return _BASE_COPY
+  if _KEY_RE.match(key) is None:
+    return _NOT_LORA
+  return None
+
+
+_BASE_COPY = "a full copy of a base weight (saved with embedding LoRA), which belongs to the source model"
+_NOT_LORA = "not a LoRA factor (expected base_model.model.<module>.lora_A.weight / lora_B.weight)"
+_REASON_ORDER = [why for _, why in _UNSUPPORTED] + [_BASE_COPY, _NOT_LORA]  # most specific first
 
 
 def read_adapter(path: str | os.PathLike[str], *, skip_unsupported: bool = False) -> PeftAdapter:
@@ -157,18 +215,19 @@ def read_adapter(path: str | os.PathLike[str], *, skip_unsupported: bool = False
   tensors = _read_tensors(path)
   factors: dict[str, dict[str, np.ndarray]] = {}
   skipped: list[dict[str, str]] = []
-  for key, array in tensors.items():
-    reason = next((why for marker, why in _UNSUPPORTED if marker in key), None)
-    match = _KEY_RE.match(key) if reason is None else None
-    if reason is None and match is None:
-      reason = "not a LoRA factor (expected base_model.model.<module>.lora_A.weight / lora_B.weight)"
+  reasons = {key: _unsupported_reason(key, config) for key in sorted(tensors)}
+  refused = [key for key, why in reasons.items() if why is not None]
+  if refused and not skip_unsupported:
+    # Name a specific kind (DoRA, embedding, ...) before a merely unrecognised key.
+    key = min(refused, key=lambda k: (_REASON_ORDER.index(reasons[k]), k))
+    raise CrossLoraError(f"{path / WEIGHTS_FILE}: {key}: a plain LoRA factor expected, got {reasons[key]}. "
+                         "Pass --skip_unsupported to drop such tensors (they are listed in the report).")
+  for key, reason in reasons.items():
     if reason is not None:
-      if not skip_unsupported:
-        raise CrossLoraError(f"{path / WEIGHTS_FILE}: {key}: a plain LoRA factor expected, got {reason}. "
-                             "Pass --skip_unsupported to drop such tensors (they are listed in the report).")
       skipped.append({"key": key, "reason": reason})
       continue
-    factors.setdefault(match.group("path"), {})[match.group("factor")] = array
+    match = _KEY_RE.match(key)
+    factors.setdefault(match.group("path"), {})[match.group("factor")] = tensors[key]
   modules: dict[str, LoraPair] = {}
   problems = []
   for module, pair in sorted(factors.items()):
@@ -212,6 +271,9 @@ def _read_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:
   else:
     raise CrossLoraError(f"{path}: {WEIGHTS_FILE} expected, got no such file. Save the adapter with PEFT's save_pretrained.")
   for key, array in tensors.items():
+    if array.dtype not in [np.dtype(d) for d in DTYPES.values()]:
+      raise CrossLoraError(f"{file}: {key}: dtype expected one of {', '.join(DTYPES)}, got {array.dtype}. "
+                           "Save the adapter in float32, float16 or bfloat16.")
     check_finite(array, f"{file}: {key}")
   return tensors
 
@@ -253,7 +315,15 @@ def adapter_tensors(adapter: PeftAdapter, dtype: Any | None = None) -> dict[str,
 
 def write_adapter_files(adapter: PeftAdapter, folder: pathlib.Path, dtype: Any | None = None) -> None:
   """Writes adapter_config.json and adapter_model.safetensors into an existing folder."""
-  save_file(adapter_tensors(adapter, dtype), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+  file = folder / WEIGHTS_FILE
+  try:
+    save_file(adapter_tensors(adapter, dtype), str(file), metadata={"format": "pt"})
+  except Exception as e:  # safetensors wraps I/O errors in its own type: give back an OSError
+    found = re.search(r"os error (\d+)", str(e))
+    if found is None:
+      raise
+    code = int(found.group(1))
+    raise OSError(code, os.strerror(code), str(file)) from None
   (folder / CONFIG_FILE).write_text(json.dumps(adapter.config, indent=2, sort_keys=True) + "\n")
 
 

@@ -37,13 +37,14 @@ def canonical_factors(adapter: peft_format.PeftAdapter, arch: Architecture,
                       where: str = "adapter") -> dict[tuple[int, str], CanonicalLora]:
   """Splits an adapter into canonical (layer, module) factors, checking shapes against ``arch``."""
   out: dict[tuple[int, str], CanonicalLora] = {}
-  problems = []
+  unknown, problems = [], []  # a key of another architecture says more than a shape: report it first
   for path, pair in sorted(adapter.modules.items()):
     key = peft_format.lora_key(path, "A")
     parsed = arch.parse_module_path(path)
     if parsed is None:
-      problems.append(f"{where}: {key}: a module of the source model ({arch.model_type}: "
-                      f"{', '.join(s.path for s in arch.spec.stored)}) expected, got a LoRA key that matches none")
+      unknown.append(f"{where}: {key}: a module of the source model ({arch.model_type}: "
+                     f"{', '.join(s.path for s in arch.spec.stored)}) expected, got a LoRA key that matches none"
+                     + _other_family_hint(path, arch))
       continue
     layer, stored = parsed
     if layer >= arch.num_layers:
@@ -60,9 +61,25 @@ def canonical_factors(adapter: peft_format.PeftAdapter, arch: Architecture,
     for part in stored.parts:
       _, rows = arch.stored_for(part)
       out[(layer, part)] = CanonicalLora(pair.a_ri, pair.b_or[rows], scaling, path)
+  problems = unknown + problems
   if problems:
     raise CrossLoraError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "") + ".")
   return out
+
+
+def _other_family_hint(path: str, arch: Architecture) -> str:
+  """' (a phi3 module: ...)' when ``path`` is stored that way by another family (fused vs unfused)."""
+  from crosslora_jax.architectures import SPECS
+  for spec in SPECS:
+    if spec is arch.spec:
+      continue
+    for stored in spec.stored:
+      if path.endswith("." + stored.path) and set(stored.parts) != {
+          p for s in arch.spec.stored if s.path == stored.path for p in s.parts}:
+        layout = f"fused {'+'.join(stored.parts)}" if len(stored.parts) > 1 else "unfused"
+        return (f" ({stored.name} is {spec.name}'s {layout} layout: was the adapter trained on a {spec.name} "
+                "model? Pass that model as --source_model)")
+  return ""
 
 
 def layer_map(kind: str, num_source: int, num_target: int) -> list[int | None]:
