@@ -22,7 +22,9 @@ the file, the key and the fix.
 from __future__ import annotations
 
 import pathlib
+import signal
 import sys
+from typing import Any
 
 from absl import app, flags, logging
 
@@ -75,7 +77,7 @@ def run() -> list[engine.TransferResult]:
   config = config_from_flags()
   output = io.check_output_path(_OUTPUT.value, overwrite=_OVERWRITE.value)
   if _REPORT.value:
-    io.check_output_path(_REPORT.value, overwrite=True)
+    io.check_output_path(_REPORT.value, overwrite=True, flag="--report")
   names = [pathlib.Path(a).name for a in _ADAPTER.value]
   if len(set(names)) != len(names):
     raise CrossLoraError(f"--adapter: folders with distinct names expected (they name the output subfolders), "
@@ -91,10 +93,10 @@ def run() -> list[engine.TransferResult]:
       from crosslora_jax import peft_format
       peft_format.write_adapter_files(result.adapter, folder, peft_format.DTYPES[dtype])
       io.verify_adapter_folder(folder, result.adapter, dtype, target_arch)
-    if _REPORT.value:
-      report_json = (results[0].report.to_json() if len(results) == 1 else
-                     "[\n" + ",\n".join(r.report.to_json() for r in results) + "\n]")
-      pathlib.Path(_REPORT.value).write_text(report_json + "\n")
+  if _REPORT.value:
+    report_json = (results[0].report.to_json() if len(results) == 1 else
+                   "[\n" + ",\n".join(r.report.to_json() for r in results) + "\n]")
+    io.write_text_atomic(_REPORT.value, report_json + "\n")
   for result in results:
     print(result.report.text())
   print(f"wrote {output}")
@@ -105,6 +107,8 @@ def main(argv: list[str]) -> int:
   if len(argv) > 1:
     print(f"command line: flags only expected, got extra arguments {argv[1:]}. See --help.", file=sys.stderr)
     return 2
+  # A plain `kill` (SIGTERM) unwinds like Ctrl-C, so temporary folders are removed.
+  signal.signal(signal.SIGTERM, _terminate)
   try:
     run()
   except CrossLoraError as e:
@@ -118,13 +122,21 @@ def main(argv: list[str]) -> int:
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parser, but a bad flag is bad input: one line and exit status 2."""
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
   except flags.Error as e:
     print(f"error: command line: {e}. See --help.", file=sys.stderr)
     sys.exit(2)
   except SystemExit as e:  # absl exits 1 after printing --help; asking for help is no error
     help_flags = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
     sys.exit(0 if any(a in help_flags for a in argv[1:]) else e.code)
+  if not flags.FLAGS["verbosity"].present:  # set_default alone does not reach absl's handler
+    logging.set_verbosity(logging.WARNING)
+  return rest
+
+
+def _terminate(signum: int, frame: Any) -> None:
+  del frame
+  raise SystemExit(128 + signum)
 
 
 def entry_point() -> None:
