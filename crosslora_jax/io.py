@@ -45,6 +45,7 @@ def check_output_path(folder: str | os.PathLike[str], *, overwrite: bool, flag: 
   bits alone say nothing for root, read-only mounts or /proc.
   """
   folder = pathlib.Path(folder)
+  recover_previous_output(folder)
   if folder.exists() and not overwrite:
     raise CrossLoraError(f"{folder}: a path that does not exist expected, got an existing "
                          f"{'folder' if folder.is_dir() else 'file'}. Pass --overwrite to replace it.")
@@ -88,11 +89,27 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
+def recover_previous_output(folder: pathlib.Path) -> None:
+  """Puts the previous output back if a run was killed inside the fallback swap.
+
+  Without RENAME_EXCHANGE, replace_folder moves the old output to
+  ``.<name>.old-<pid>-*/<name>`` before renaming the new one in; a kill between the
+  two renames leaves ``folder`` missing and the old output whole in there.
+  """
+  if folder.exists() or folder.is_symlink():
+    return
+  kept = [p / folder.name for p in leftovers(folder) if ".old-" in p.name and (p / folder.name).exists()]
+  if len(kept) == 1:
+    with contextlib.suppress(OSError):  # if it cannot be moved back, it stays clearly named
+      os.rename(kept[0], folder)
+      _log.warning("restored %s from %s, left by a killed run", folder, kept[0])
+
+
 def remove_leftovers(folder: pathlib.Path) -> None:
-  """Deletes what killed earlier runs left beside ``folder``.
+  """Deletes what killed earlier runs left beside ``folder`` (see :func:`leftovers`).
 
   A stale ``.old-`` is kept while ``folder`` itself is missing: it may be the only
-  copy of the previous output (a kill inside the non-atomic fallback of replace_folder).
+  copy of the previous output (see :func:`recover_previous_output`).
   """
   for path in leftovers(folder):
     if ".old-" in path.name and not (folder.exists() or folder.is_symlink()):
