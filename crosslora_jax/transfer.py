@@ -17,6 +17,9 @@ With several --adapter flags, --output gets one subfolder per adapter (named aft
 adapter folder). Outputs are written to a temporary folder, checked, then renamed, so a
 failure leaves nothing half-written. Bad input exits with status 2 and one line naming
 the file, the key and the fix.
+
+--orbax_output also writes each transferred adapter as an Orbax checkpoint of a flax.nnx
+LoRA tree (crosslora_jax.orbax_io; see docs/flax.md), under the same guarantees.
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float16", "bfloat16", "float32"],
                            "Output dtype (default: the adapter's own).")
 _REPORT = flags.DEFINE_string("report", None, "Write the JSON report here (per target weight details).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
+_ORBAX_OUTPUT = flags.DEFINE_string(
+    "orbax_output", None, "Also write each adapter as an Orbax checkpoint of a flax.nnx LoRA tree here "
+    "(docs/flax.md); one subfolder per adapter when several. --overwrite applies to it too.")
 _SKIP_UNSUPPORTED = flags.DEFINE_bool(
     "skip_unsupported", False, "Drop DoRA / embedding-LoRA / modules_to_save / lora_bias tensors "
     "(listed in the report) instead of refusing the adapter.")
@@ -78,6 +84,8 @@ def run() -> list[engine.TransferResult]:
   output = io.check_output_path(_OUTPUT.value, overwrite=_OVERWRITE.value)
   if _REPORT.value:
     io.check_output_path(_REPORT.value, overwrite=True, flag="--report")
+  if _ORBAX_OUTPUT.value:
+    io.check_output_path(_ORBAX_OUTPUT.value, overwrite=_OVERWRITE.value, flag="--orbax_output")
   names = [pathlib.Path(a).name for a in _ADAPTER.value]
   if len(set(names)) != len(names):
     raise CrossLoraError(f"--adapter: folders with distinct names expected (they name the output subfolders), "
@@ -93,6 +101,10 @@ def run() -> list[engine.TransferResult]:
       from crosslora_jax import peft_format
       peft_format.write_adapter_files(result.adapter, folder, peft_format.DTYPES[dtype])
       io.verify_adapter_folder(folder, result.adapter, dtype, target_arch)
+    if _ORBAX_OUTPUT.value:  # inside the PEFT write, so a failure here leaves no --output either
+      from crosslora_jax import orbax_io, pytree_api
+      orbax_io.save_adapters_as_nnx(_ORBAX_OUTPUT.value, {n: pytree_api.output_adapter(r, config)
+                                                          for n, r in zip(names, results)}, overwrite=_OVERWRITE.value)
   if _REPORT.value:
     report_json = (results[0].report.to_json() if len(results) == 1 else
                    "[\n" + ",\n".join(r.report.to_json() for r in results) + "\n]")
@@ -100,6 +112,8 @@ def run() -> list[engine.TransferResult]:
   for result in results:
     print(result.report.text())
   print(f"wrote {output}")
+  if _ORBAX_OUTPUT.value:
+    print(f"wrote {_ORBAX_OUTPUT.value}")
   return results
 
 
