@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crosslora_jax import kernels, peft_format, planning
+from crosslora_jax import anchored, kernels, peft_format, planning
 from crosslora_jax.checkpoint import BaseWeights, open_base
 from crosslora_jax.errors import CrossLoraError
 from crosslora_jax.report import Report
@@ -38,6 +38,8 @@ class TransferConfig:
   skip_unsupported: bool = False
   chunk_layers: int = 8  # layers stacked per jitted call: bounds memory
   base_model_name: str | None = None  # base_model_name_or_path; default: the target's name
+  calibrate_norm: bool = False  # rescale each module so |dW_t|/|W_t| = |dW_s|/|W_s| (any method)
+  anchor: anchored.AnchorConfig = dataclasses.field(default_factory=anchored.AnchorConfig)  # method anchored
 
   def __post_init__(self):
     problems = []
@@ -53,6 +55,8 @@ class TransferConfig:
       problems.append(f"--solver: closed or lstsq expected, got {self.solver!r}")
     if self.dtype is not None and self.dtype not in peft_format.DTYPES:
       problems.append(f"--dtype: one of {', '.join(peft_format.DTYPES)} expected, got {self.dtype!r}")
+    if not isinstance(self.anchor, anchored.AnchorConfig):
+      problems.append(f"anchor: an anchored.AnchorConfig expected, got {type(self.anchor).__name__}")
     if self.chunk_layers <= 0:
       problems.append(f"chunk_layers: a positive integer expected, got {self.chunk_layers!r}")
     if problems:
@@ -134,6 +138,7 @@ def transfer(source: str | os.PathLike[str] | BaseWeights, target: str | os.Path
   subs_t = Subspaces(target_w, config, "target")
   modules = sorted({m for p in plans for m in p.buckets}, key=_module_index)
   needs_source = config.method == "cross_lora"
+  anchors = anchored.anchors_for(source_w, target_w, config.anchor) if config.method == "anchored" else None
   needs_target = config.method in ("cross_lora", "lora_x")
   total = 0
   for module in modules:
@@ -177,14 +182,19 @@ def transfer(source: str | os.PathLike[str] | BaseWeights, target: str | os.Path
         a = jnp.asarray(np.stack([np.asarray(items[i].factors.a_ri, np.float32) for i in idxs]))
         b = jnp.asarray(np.stack([np.asarray(items[i].factors.b_or, np.float32) for i in idxs]))
         take = lambda sub: jax.tree.map(lambda x: jnp.asarray(x[np.asarray(idxs)]), sub)
+        extra = [{} for _ in idxs]  # method-specific report fields
         if config.method == "cross_lora":
           proj = kernels.batched_project_cross_lora(take(sub_s_all), take(sub_t_all), a, b, solver=config.solver)
         elif config.method == "lora_x":
           proj = kernels.batched_project_lora_x(take(sub_t_all), a, b)
         elif config.method == "truncate_pad":
           proj = kernels.batched_truncate_pad(a, b, out_t=out_t, in_t=in_t)
+        elif config.method == "anchored":
+          proj, extra = anchored.project_bucket(anchors, module, [items[i] for i in idxs])
         else:  # copy
           proj = kernels.Projected(a, b, jnp.ones(len(idxs)))
+        proj, calib = anchored.calibrate_bucket(source_w, target_w, module, [items[i] for i in idxs], proj,
+                                                apply=config.calibrate_norm)
         overlap = None
         if needs_source:
           overlap = np.asarray((kernels.batched_overlap(take(sub_s_all).u, take(sub_t_all).u)
@@ -207,6 +217,7 @@ def transfer(source: str | os.PathLike[str] | BaseWeights, target: str | os.Path
               "energy_target": float(sub_t_all.energy[i]) if needs_target else None,
               "norm_ratio": float(proj.norm_ratio[row]),
               "overlap": float(overlap[row]) if overlap is not None else None,
+              **extra[row], **calib[row],
           })
       seconds = time.perf_counter() - t0
       for e in entries[n][-len(items):]:

@@ -18,7 +18,7 @@ from crosslora_jax import peft_format
 from crosslora_jax.architectures import Architecture
 from crosslora_jax.errors import CrossLoraError
 
-METHODS = ("cross_lora", "lora_x", "copy", "truncate_pad")
+METHODS = ("cross_lora", "lora_x", "copy", "truncate_pad", "anchored")
 SAME_SHAPE_METHODS = ("lora_x", "copy")
 LAYER_MAPS = ("auto", "identity", "depth")
 

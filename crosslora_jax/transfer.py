@@ -12,6 +12,13 @@ Methods:
   copy          Copy the factors unchanged (equal shapes only).
   truncate_pad  Cut or zero-pad the factors to the target's sizes (what the paper's
                 authors' code effectively does; a baseline).
+  anchored      Map every space through ridge maps fitted on the two models' shared
+                vocabulary (needs tokenizer.json in both folders); a data-free guard
+                skips modules whose predicted transferability is below
+                --anchor_threshold and shrinks the rest (crosslora_jax/anchored.py).
+
+--calibrate_norm (any method) rescales each module so that |dW_t|/|W_t| equals the
+source's |dW_s|/|W_s|; the report lists both ratios either way.
 
 With several --adapter flags, --output gets one subfolder per adapter (named after the
 adapter folder). Outputs are written to a temporary folder, checked, then renamed, so a
@@ -31,7 +38,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from crosslora_jax import engine, io, kernels, planning
+from crosslora_jax import anchored, engine, io, kernels, planning
 from crosslora_jax.errors import CrossLoraError
 from crosslora_jax.progress import ProgressBar
 
@@ -61,6 +68,10 @@ _SKIP_UNSUPPORTED = flags.DEFINE_bool(
     "(listed in the report) instead of refusing the adapter.")
 _BASE_NAME = flags.DEFINE_string("base_model_name_or_path", None,
                                  "base_model_name_or_path to write (default: the target's name).")
+_CALIBRATE = flags.DEFINE_bool("calibrate_norm", False, "Rescale each module so |dW_t|/|W_t| = |dW_s|/|W_s|.")
+_ANCHOR_THRESHOLD = flags.DEFINE_float("anchor_threshold", 0.25, "--method anchored: skip modules whose "
+                                       "predicted transferability (R2_in * R2_out) is below this.")
+_ANCHOR_TOKENS = flags.DEFINE_integer("anchor_tokens", 2048, "--method anchored: shared tokens used as probes.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 # Quiet by default (JAX logs backend probing at INFO); --verbosity=1 shows logs and tracebacks.
 flags.FLAGS.set_default("verbosity", logging.WARNING)
@@ -70,7 +81,8 @@ def config_from_flags() -> engine.TransferConfig:
   return engine.TransferConfig(
       method=_METHOD.value, rank=_RANK.value, layer_map=_LAYER_MAP.value, svd=_SVD.value, seed=_SEED.value,
       solver=_SOLVER.value, dtype=_DTYPE.value, skip_unsupported=_SKIP_UNSUPPORTED.value,
-      base_model_name=_BASE_NAME.value)
+      base_model_name=_BASE_NAME.value, calibrate_norm=_CALIBRATE.value,
+      anchor=anchored.AnchorConfig(tokens=_ANCHOR_TOKENS.value, threshold=_ANCHOR_THRESHOLD.value))
 
 
 def run() -> list[engine.TransferResult]:
