@@ -266,7 +266,8 @@ def write_text_atomic(file: str | os.PathLike[str], text: str) -> None:
 
 
 def verify_adapter_folder(folder: pathlib.Path, expected: peft_format.PeftAdapter, dtype: Any,
-                          target: Architecture | None = None) -> None:
+                          target: Architecture | None = None, *,
+                          shown_as: str | os.PathLike[str] | None = None) -> None:
   """Re-opens a written adapter and checks it against what was computed and against ``target``.
 
   Every key, shape, dtype and byte of adapter_model.safetensors must equal
@@ -274,7 +275,8 @@ def verify_adapter_folder(folder: pathlib.Path, expected: peft_format.PeftAdapte
   back to ``expected.config`` and select exactly the written modules with their
   ranks; with ``target``, every module must exist in the target with matching
   (out, in) sizes. Any difference is a bug, never a user error, but it is still
-  raised as CrossLoraError so that nothing broken is renamed into place.
+  raised as CrossLoraError so that nothing broken is renamed into place. Messages
+  name ``shown_as`` (the final output path) instead of the temporary ``folder``.
   """
   np_dtype = peft_format.DTYPES[dtype] if isinstance(dtype, str) else dtype
   file = folder / peft_format.WEIGHTS_FILE
@@ -305,8 +307,9 @@ def verify_adapter_folder(folder: pathlib.Path, expected: peft_format.PeftAdapte
     else:
       problems += _check_written(folder, written, expected, target)
   if problems:
-    raise CrossLoraError(f"{folder}: output verification failed: " + "; ".join(problems[:5])
-                         + ". Nothing was written; please report this as a bug.")
+    message = (f"{folder}: output verification failed: " + "; ".join(problems[:5])
+               + ". Nothing was written; please report this as a bug.")
+    raise CrossLoraError(message.replace(str(folder), str(shown_as or folder)))
 
 
 def _check_written(folder: pathlib.Path, written: peft_format.PeftAdapter, expected: peft_format.PeftAdapter,
@@ -345,5 +348,5 @@ def save_adapter(adapter: peft_format.PeftAdapter, folder: str | os.PathLike[str
   np_dtype = peft_format.DTYPES[dtype] if isinstance(dtype, str) else dtype
   with atomic_folder(folder, overwrite=overwrite) as tmp:
     peft_format.write_adapter_files(adapter, tmp, np_dtype)
-    verify_adapter_folder(tmp, adapter, np_dtype, target)
+    verify_adapter_folder(tmp, adapter, np_dtype, target, shown_as=folder)
   return pathlib.Path(folder)

@@ -112,7 +112,8 @@ def run() -> list[engine.TransferResult]:
       dtype = config.dtype or result.report.output_dtype
       from crosslora_jax import peft_format
       peft_format.write_adapter_files(result.adapter, folder, peft_format.DTYPES[dtype])
-      io.verify_adapter_folder(folder, result.adapter, dtype, target_arch)
+      io.verify_adapter_folder(folder, result.adapter, dtype, target_arch,
+                               shown_as=output / name if len(results) > 1 else output)
     if _ORBAX_OUTPUT.value:  # inside the PEFT write, so a failure here leaves no --output either
       from crosslora_jax import orbax_io, pytree_api
       orbax_io.save_adapters_as_nnx(_ORBAX_OUTPUT.value, {n: pytree_api.output_adapter(r, config)

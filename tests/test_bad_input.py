@@ -607,3 +607,26 @@ def test_file_size_limit_in_subprocess(models, tmp_path):
 
   rc, out, err = run_subprocess(c.args(), preexec_fn=limit)
   assert_refused(rc, out, err, c, [str(c.output), "EFBIG"])
+
+
+@pytest.mark.parametrize("fault", ["dtype", "missing_key", "bytes", "config"])
+def test_output_verification_catches_a_broken_write(fault, models, tmp_path, capsys, monkeypatch):
+  """A writer that silently drifts (dtype, a key, a value, the config) never gets its output renamed in."""
+  c = Case(models, tmp_path)
+  c.extra = ["--noprogress", "--method", "truncate_pad", "--dtype", "float32"]
+  real = peft_format.write_adapter_files
+
+  def broken(adapter, folder, dtype=None):
+    real(adapter, folder, np.float16 if fault == "dtype" else dtype)
+    file = folder / peft_format.WEIGHTS_FILE
+    if fault == "missing_key":
+      _edit_tensors(file, lambda t: t.pop(sorted(t)[0]))
+    elif fault == "bytes":
+      _edit_tensors(file, _poison(sorted(load_file(str(file)))[-1], 0.125))
+    elif fault == "config":
+      _edit_json(folder / peft_format.CONFIG_FILE, lora_alpha=1234)
+
+  monkeypatch.setattr(peft_format, "write_adapter_files", broken)
+  names = {"dtype": ["dtype expected float32, got float16"], "missing_key": ["keys expected"],
+           "bytes": ["different bytes"], "config": ["the computed config expected"]}[fault]
+  assert_refused(*run_in_process(c.args(), capsys), c, [str(c.output), "output verification failed", *names])
