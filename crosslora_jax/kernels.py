@@ -19,6 +19,9 @@ from jax import lax
 
 HIGHEST = lax.Precision.HIGHEST
 SVD_METHODS = ("exact", "gram", "randomized")
+DEFAULT_SVD = "randomized"  # chosen from measured accuracy and speed: BUILD_NOTES.md, "Speed (issue 3)"
+DEFAULT_OVERSAMPLES = 10
+DEFAULT_POWER_ITER = 2
 
 
 class Subspace(NamedTuple):
@@ -60,47 +63,80 @@ def _exact_svd(w: jax.Array, rank: int) -> tuple[jax.Array, jax.Array, jax.Array
   return u[:, :rank], s[:rank], vt[:rank].T
 
 
+def _rayleigh_ritz(x: jax.Array, z: jax.Array, rank: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """SVD of ``x`` restricted to span(z): x z = Q R, R = U_r S V_rᵀ, so x (z V_r) = (Q U_r) S.
+
+  x: (big, small); z: (small, k) with orthonormal columns, k >= rank. One
+  Householder QR of (big, k) and one SVD of (k, k): U comes out orthonormal to
+  working precision and S accurate to eps·‖x‖ in absolute terms, also for tiny
+  singular values (where σ = sqrt(eigenvalue) and U = x v / σ are not).
+  """
+  q, r = jnp.linalg.qr(_mm(x, z))
+  u_r, s, v_rt = jnp.linalg.svd(r, full_matrices=False)
+  return _mm(q, u_r[:, :rank]), s[:rank], _mm(z, v_rt[:rank].T)
+
+
 def _gram_svd(w: jax.Array, rank: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """eigh of the smaller Gram matrix; the other side recovered as W v / σ."""
+  """eigh of the smaller Gram matrix for the subspace, then a Rayleigh–Ritz step.
+
+  The Gram matrix squares the condition number, so eigh alone resolves a singular
+  direction only where σ² ≫ eps·σ₀² (σ ≳ 3e-4·σ₀ in float32, below bf16 storage
+  noise); the Rayleigh–Ritz step recomputes S and U from ``w`` itself.
+  """
   m, n = w.shape
-  tall = m >= n
-  x = w if tall else w.T  # (big, small)
-  gram = _mm(x.T, x)
-  evals, evecs = jnp.linalg.eigh(gram)  # ascending
-  evals, evecs = evals[::-1][:rank], evecs[:, ::-1][:, :rank]
-  s = jnp.sqrt(jnp.maximum(evals, 0.0))
-  safe = jnp.where(s > s[0] * 1e-6, s, jnp.inf)
-  other = _mm(x, evecs) / safe
-  if tall:
-    return other, s, evecs
-  return evecs, s, other
+  x = w if m >= n else w.T  # (big, small)
+  _, evecs = jnp.linalg.eigh(_mm(x.T, x))  # ascending
+  u_big, s, v_small = _rayleigh_ritz(x, evecs[:, ::-1][:, :rank], rank)
+  return (u_big, s, v_small) if m >= n else (v_small, s, u_big)
 
 
 def _randomized_svd(w: jax.Array, rank: int, key: jax.Array, n_oversamples: int,
                     n_power_iter: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Halko et al. range finder with QR-stabilised power iterations."""
+  """Randomized subspace iteration (Halko, Martinsson & Tropp 2011) built from matmuls.
+
+  Works on x = the (big, small) orientation of ``w``: a Gaussian start
+  Ω (small, k), k = rank + n_oversamples, then ``n_power_iter`` steps
+  Z ← orth(xᵀ (x Z)), orthonormalised on the small side only (each step squares
+  the condition of the block, harmless in float32 for the top of a weight's
+  spectrum), then a Rayleigh–Ritz step. Costs 2·n_power_iter + 1 passes of
+  (big·small·k) flops; the error of direction i shrinks like
+  (σ_{k+1}/σ_i)^(2·n_power_iter).
+  """
   m, n = w.shape
-  k = min(rank + n_oversamples, m, n)
-  omega = jax.random.normal(key, (n, k), dtype=w.dtype)
-  q, _ = jnp.linalg.qr(_mm(w, omega))
+  x = w if m >= n else w.T  # (big, small)
+  small = x.shape[1]
+  k = min(rank + n_oversamples, small)
+  z = jax.random.normal(key, (small, k), dtype=x.dtype)
+  if n_power_iter == 0:
+    z, _ = jnp.linalg.qr(z)
   for _ in range(n_power_iter):
-    z, _ = jnp.linalg.qr(_mm(w.T, q))
-    q, _ = jnp.linalg.qr(_mm(w, z))
-  small = _mm(q.T, w)  # (k, n)
-  u_small, s, vt = jnp.linalg.svd(small, full_matrices=False)
-  return _mm(q, u_small[:, :rank]), s[:rank], vt[:rank].T
+    z, _ = jnp.linalg.qr(_mm(x.T, _mm(x, z)))
+  u_big, s, v_small = _rayleigh_ritz(x, z, rank)
+  return (u_big, s, v_small) if m >= n else (v_small, s, u_big)
 
 
 def truncated_svd(w_oi: jax.Array, key: jax.Array | None = None, *, rank: int, method: str = "exact",
-                  n_oversamples: int = 10, n_power_iter: int = 2) -> Subspace:
+                  n_oversamples: int = DEFAULT_OVERSAMPLES, n_power_iter: int = DEFAULT_POWER_ITER) -> Subspace:
   """Rank-``rank`` truncated SVD of one (out, in) matrix in float32, signs canonicalised.
 
-  ``rank`` must not exceed min(out, in) (the planner clips it). ``key`` is used by
-  ``method="randomized"`` only.
+  Args:
+    w_oi: (out, in) weight, any float dtype (upcast to float32 here).
+    key: PRNG key, used by ``method="randomized"`` only.
+    rank: static; at most min(out, in) (the planner clips it).
+    method: ``"exact"`` (jnp.linalg.svd), ``"gram"`` (eigh of the smaller Gram
+      matrix + Rayleigh–Ritz) or ``"randomized"`` (subspace iteration from a
+      Gaussian start + Rayleigh–Ritz); see ``BUILD_NOTES.md`` for their accuracy.
+    n_oversamples: randomized only: extra columns beyond ``rank``.
+    n_power_iter: randomized only: multiplications by WᵀW.
+
+  Returns:
+    Subspace with u (out, rank), s (rank,), v (in, rank), energy ().
   """
   w = w_oi.astype(jnp.float32)
-  if rank > min(w.shape):
-    raise ValueError(f"rank {rank} exceeds min{tuple(w.shape)}")
+  if w.ndim != 2:
+    raise ValueError(f"w_oi: a 2-D (out, in) matrix expected, got shape {tuple(w.shape)}")
+  if not 0 < rank <= min(w.shape):
+    raise ValueError(f"rank: 1..min{tuple(w.shape)} expected, got {rank}")
   if method == "exact":
     u, s, v = _exact_svd(w, rank)
   elif method == "gram":
@@ -108,6 +144,8 @@ def truncated_svd(w_oi: jax.Array, key: jax.Array | None = None, *, rank: int, m
   elif method == "randomized":
     if key is None:
       raise ValueError("method='randomized' needs a PRNG key")
+    if n_oversamples < 0 or n_power_iter < 0:
+      raise ValueError(f"n_oversamples and n_power_iter: >= 0 expected, got {n_oversamples}, {n_power_iter}")
     u, s, v = _randomized_svd(w, rank, key, n_oversamples, n_power_iter)
   else:
     raise ValueError(f"method expected one of {SVD_METHODS}, got {method!r}")
@@ -119,11 +157,37 @@ def truncated_svd(w_oi: jax.Array, key: jax.Array | None = None, *, rank: int, m
 
 @functools.partial(jax.jit, static_argnames=("rank", "method", "n_oversamples", "n_power_iter"))
 def batched_truncated_svd(w_loi: jax.Array, keys: jax.Array, *, rank: int, method: str = "exact",
-                          n_oversamples: int = 10, n_power_iter: int = 2) -> Subspace:
-  """truncated_svd vmapped over a stacked layer axis: (L, out, in) -> Subspace of (L, ...)."""
+                          n_oversamples: int = DEFAULT_OVERSAMPLES,
+                          n_power_iter: int = DEFAULT_POWER_ITER) -> Subspace:
+  """truncated_svd vmapped over a stacked layer axis: (L, out, in) -> Subspace of (L, ...).
+
+  ``keys`` holds one PRNG key per layer (L,), so a layer's result does not depend
+  on which other layers share its bucket.
+  """
   fn = functools.partial(truncated_svd, rank=rank, method=method, n_oversamples=n_oversamples,
                          n_power_iter=n_power_iter)
   return jax.vmap(fn)(w_loi, keys)
+
+
+def largest_principal_angle(u1: jax.Array, u2: jax.Array) -> jax.Array:
+  """Largest principal angle (radians) between span(u1) and span(u2), both orthonormal (d, r).
+
+  Uses sin θ_max = ‖(I − u1 u1ᵀ) u2‖₂, accurate for small angles (arccos is not).
+  """
+  u1 = u1.astype(jnp.float32)
+  u2 = u2.astype(jnp.float32)
+  resid = u2 - _mm(u1, _mm(u1.T, u2))
+  top = jnp.linalg.eigvalsh(_mm(resid.T, resid))[-1]
+  return jnp.arcsin(jnp.clip(jnp.sqrt(jnp.maximum(top, 0.0)), 0.0, 1.0))
+
+
+def lowrank_relative_difference(a1_ri: jax.Array, b1_or: jax.Array, a2_ri: jax.Array,
+                                b2_or: jax.Array) -> jax.Array:
+  """‖B₁A₁ − B₂A₂‖_F / ‖B₁A₁‖_F without forming either product."""
+  a = jnp.concatenate([a1_ri, a2_ri]).astype(jnp.float32)
+  b = jnp.concatenate([b1_or, -b2_or], axis=1).astype(jnp.float32)
+  ref = _lowrank_fro(a1_ri.astype(jnp.float32), b1_or.astype(jnp.float32))
+  return jnp.where(ref > 0, _lowrank_fro(a, b) / ref, jnp.inf)
 
 
 # --- alignment --------------------------------------------------------------------
@@ -197,17 +261,29 @@ def truncate_pad(a_ri: jax.Array, b_or: jax.Array, *, out_t: int, in_t: int) -> 
   return Projected(a_t, b_t, _ratio(a_t, b_t, a, b))
 
 
+def _inv_sqrt_psd(g: jax.Array) -> jax.Array:
+  """G^{-1/2} of a symmetric PSD (r, r) matrix, pseudo-inverse on its null space."""
+  evals, evecs = jnp.linalg.eigh(g)
+  keep = evals > jnp.max(evals) * 1e-6
+  inv = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, evals, 1.0)), 0.0)
+  return _mm(evecs * inv, evecs.T)
+
+
 def subspace_overlap(u_s: jax.Array, u_t: jax.Array) -> jax.Array:
   """Chance-normalised overlap of two rank-r subspaces: 0 for random, 1 for equal.
 
   ov = ‖Q_sᵀ Q_t‖_F² / r on the first d = min(m_s, m_t) coordinates (the identity
-  embedding the paper's layer pairing implies), and (ov − r/d) / (1 − r/d).
+  embedding the paper's layer pairing implies), and (ov − r/d) / (1 − r/d). Q is
+  an orthonormal basis of the cut columns, here through (r, r) Gram matrices:
+  ‖Q_sᵀ Q_t‖_F = ‖G_s^{-1/2} M_sᵀ M_t G_t^{-1/2}‖_F with M = u[:d], G = MᵀM,
+  which costs d·r² flops instead of a (d, r) QR per side.
   """
   d = min(u_s.shape[0], u_t.shape[0])
   r = u_s.shape[1]
-  q_s, _ = jnp.linalg.qr(u_s[:d].astype(jnp.float32))
-  q_t, _ = jnp.linalg.qr(u_t[:d].astype(jnp.float32))
-  ov = jnp.sum(jnp.square(_mm(q_s.T, q_t))) / r
+  m_s = u_s[:d].astype(jnp.float32)
+  m_t = u_t[:d].astype(jnp.float32)
+  core = _mm(_mm(_inv_sqrt_psd(_mm(m_s.T, m_s)), _mm(m_s.T, m_t)), _inv_sqrt_psd(_mm(m_t.T, m_t)))
+  ov = jnp.sum(jnp.square(core)) / r
   chance = r / d
   return jnp.where(chance < 1, (ov - chance) / (1 - chance), 1.0)
 
@@ -216,6 +292,26 @@ def subspace_overlap(u_s: jax.Array, u_t: jax.Array) -> jax.Array:
 def batched_project_cross_lora(sub_s: Subspace, sub_t: Subspace, a_lri: jax.Array, b_lor: jax.Array,
                                *, solver: str = "closed") -> Projected:
   return jax.vmap(functools.partial(project_cross_lora, solver=solver))(sub_s, sub_t, a_lri, b_lor)
+
+
+@functools.partial(jax.jit, static_argnames=("solver",))
+def project_cross_lora_adapters(sub_s: Subspace, sub_t: Subspace, a_nlri: jax.Array, b_nlor: jax.Array, *,
+                                solver: str = "closed") -> Projected:
+  """Many adapters of one LoRA rank through one bucket's subspaces, in one call.
+
+  Subspaces are stacked over layers (L, ...) and shared by the N adapters, whose
+  factors are (N, L, rank, in_s) and (N, L, out_s, rank); returns (N, L, ...).
+  Per adapter this is small matmuls only: U_sᵀ B_s, A_s V_s and the products with
+  U_t, V_tᵀ.
+  """
+  per_layer = jax.vmap(functools.partial(project_cross_lora, solver=solver))
+  return jax.vmap(per_layer, in_axes=(None, None, 0, 0))(sub_s, sub_t, a_nlri, b_nlor)
+
+
+@jax.jit
+def project_lora_x_adapters(sub_t: Subspace, a_nlri: jax.Array, b_nlor: jax.Array) -> Projected:
+  """LoRA-X for N adapters of one rank: (L, ...) subspaces, (N, L, ...) factors."""
+  return jax.vmap(jax.vmap(project_lora_x), in_axes=(None, 0, 0))(sub_t, a_nlri, b_nlor)
 
 
 @jax.jit
