@@ -1,5 +1,5 @@
 # make demo: install (CPU torch first), fetch the real models, run the README demo.
-# make test: the whole test suite, real-model tests included (scripts/test.sh).
+# make test: install, then the whole test suite, real-model tests included (scripts/test.sh).
 PYTHON ?= python
 
 .PHONY: install demo test bench
@@ -11,7 +11,7 @@ install:
 demo: install
 	$(PYTHON) scripts/demo.py
 
-test:
+test: install
 	bash scripts/test.sh
 
 bench:

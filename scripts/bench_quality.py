@@ -16,8 +16,8 @@ base (factors first rounded to the dtype the CLI would write, float16), which is
 what PEFT computes; the self pair checks this against PeftModel.from_pretrained.
 The random control draws Gaussian factors of the same LoRA rank per module and
 scales each ΔW to the Frobenius norm of cross_lora's ΔW for that module.
-``cross_lora_cal`` (computed here, not by the engine) rescales cross_lora's ΔW per
-module so that ‖ΔW_t‖/‖W_t‖ = ‖ΔW_s‖/‖W_s‖ (issue 7's "norm-calibrated").
+``<method>+cal`` is the engine's ``calibrate_norm`` option: each module rescaled so
+that ‖ΔW_t‖/‖W_t‖ = ‖ΔW_s‖/‖W_s‖ (issue 7's "norm-calibrated").
 
 Everything expensive is cached under --cache_dir (trained LoRAs, every NLL with
 its per-block values), so the benchmark can be run in pieces with --pairs /
@@ -58,12 +58,13 @@ RECIPE = dict(steps=120, lr=2e-3, batch_size=8, block_size=128, seed=0, r=8, alp
 PAIRS = ("smollm2:smollm2", "smollm2:qwen05", "smollm2:gemma", "qwen05:smollm2", "gemma:smollm2",
          "qwen05:gemma", "gemma:qwen05", "qwen05:qwen15")
 RANK_SWEEP = ("64", "160", "320", "full")
-BASE_METHODS = ("cross_lora", "lora_x", "copy", "truncate_pad", "random", "cross_lora_cal")
+BASE_METHODS = ("cross_lora", "lora_x", "copy", "truncate_pad", "random")
 
 
 def all_methods() -> tuple[str, ...]:
-  extra = tuple(m for m in planning.METHODS if m not in BASE_METHODS)  # e.g. anchored, once it lands
-  return BASE_METHODS + extra
+  """Engine methods, the random control, and "<method>+cal" (the engine's --calibrate_norm)."""
+  engine = tuple(m for m in planning.METHODS if m not in BASE_METHODS)  # e.g. anchored
+  return BASE_METHODS + engine + ("cross_lora+cal",) + tuple(m + "+cal" for m in engine)
 
 
 def log(msg: str) -> None:
@@ -183,27 +184,6 @@ def random_like(update: Update, seed: int) -> Update:
   return Update(out)
 
 
-def calibrated(update: Update, report, source_dir: pathlib.Path, target_dir: pathlib.Path) -> Update:
-  """Rescales each module so ‖ΔW_t‖/‖W_t‖ equals the source's ‖ΔW_s‖/‖W_s‖ (report gives ‖ΔW_t‖/‖ΔW_s‖)."""
-  from crosslora_jax.checkpoint import open_base
-
-  src, tgt = open_base(str(source_dir)), open_base(str(target_dir))
-  out = {}
-  by_path = {e["target_key"]: e for e in report.entries}
-  for path, (a, b, s) in update.factors.items():
-    e = by_path[path]
-    dw_t = np.linalg.norm(s * (b @ a))
-    if dw_t == 0 or e["norm_ratio"] == 0:
-      out[path] = (a, b, s)
-      continue
-    dw_s = dw_t / e["norm_ratio"]
-    w_s = np.linalg.norm(np.asarray(src.weight(e["source_layer"], e["module"]), np.float32))
-    w_t = np.linalg.norm(np.asarray(tgt.weight(e["target_layer"], e["module"]), np.float32))
-    c = (dw_s / w_s) * w_t / dw_t
-    out[path] = (a, b, s * float(c))
-  return Update(out)
-
-
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -251,22 +231,32 @@ class Target:
         self._linear(path).weight.copy_(w0.float())
 
 
+_TRANSFERS: dict[tuple, Any] = {}  # one transfer serves cross_lora, random and cross_lora_cal
+
+
 def transfer(source: str, target: str, adapter_dir: pathlib.Path, method: str, rank: int):
   import crosslora_jax
 
-  cfg = crosslora_jax.TransferConfig(method=method, rank=rank)
+  key = (source, target, str(adapter_dir), method, rank)
+  if key in _TRANSFERS:
+    return _TRANSFERS[key]
+  name, cal = method.removesuffix("+cal"), method.endswith("+cal")
+  cfg = crosslora_jax.TransferConfig(method=name, rank=rank, calibrate_norm=cal)
   t0 = time.perf_counter()
   res = crosslora_jax.transfer_adapter(str(zoo.fetch_model(MODELS[source])), str(zoo.fetch_model(MODELS[target])),
                                        str(adapter_dir), cfg)
-  return res, time.perf_counter() - t0
+  _TRANSFERS.clear()  # keep one: adapters of big targets are large
+  _TRANSFERS[key] = (res, time.perf_counter() - t0)
+  return _TRANSFERS[key]
 
 
 def parse_rank(text: str) -> int:
-  return 1 << 30 if text == "full" else int(text)
+  """'full' -> every direction (clipped per weight by the engine); '-' (rank unused) -> 320."""
+  return 1 << 30 if text == "full" else 320 if text == "-" else int(text)
 
 
 def applicable(method: str, source: str, target: str) -> bool:
-  if method in planning.SAME_SHAPE_METHODS:
+  if method.removesuffix("+cal") in planning.SAME_SHAPE_METHODS:
     return zoo.MODELS[MODELS[source]].shape == zoo.MODELS[MODELS[target]].shape
   return True
 
@@ -311,6 +301,8 @@ def run_pairs(args, cache: Cache) -> None:
         if not applicable(method, source, target):
           continue
         method_ranks = ranks if method == "cross_lora" else [str(args.rank)]
+        if method.removesuffix("+cal") in ("copy", "truncate_pad", "anchored"):
+          method_ranks = ["-"]  # rank plays no part
         for rank_text in method_ranks:
           key = f"{target}/{source}-{digest}/{method}/r{rank_text}/b{b}"
           evaluate(key, _maker(method, source, target, src_adapter, parse_rank(rank_text)),
@@ -330,13 +322,11 @@ def _read(path: pathlib.Path):
 
 def _maker(method: str, source: str, target: str, adapter_dir: pathlib.Path, rank: int):
   def make():
-    engine_method = {"random": "cross_lora", "cross_lora_cal": "cross_lora"}.get(method, method)
+    engine_method = "cross_lora" if method == "random" else method
     res, seconds = transfer(source, target, adapter_dir, engine_method, rank)
     update = update_from_adapter(res.adapter)
     if method == "random":
       update = random_like(update, seed=0)
-    elif method == "cross_lora_cal":
-      update = calibrated(update, res.report, zoo.fetch_model(MODELS[source]), zoo.fetch_model(MODELS[target]))
     summary = {k: v for k, v in res.report.summary.items()}
     log(f"transfer {source}->{target} {engine_method} r={rank}: {seconds:.0f}s")
     return update, {"transfer_seconds": seconds, "report_summary": summary}
@@ -427,6 +417,8 @@ def write_results(data: dict[str, Any], args, out: pathlib.Path) -> None:
           "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}, "
                      f"Python {sys.version.split()[0]}, no GPU",
           "block_size": 128, "recipe": RECIPE, "default_rank": args.rank}
+  runs_file = pathlib.Path(args.cache_dir) / "runs.jsonl"
+  meta["runs"] = [json.loads(l) for l in runs_file.read_text().splitlines()] if runs_file.exists() else []
   (out / "quality.json").write_text(json.dumps({"meta": meta, **data}, indent=1, default=float) + "\n")
   rows = sorted(data["rows"], key=lambda r: (PAIRS.index(f"{r['source']}:{r['target']}")
                                              if f"{r['source']}:{r['target']}" in PAIRS else 99,
@@ -435,9 +427,12 @@ def write_results(data: dict[str, Any], args, out: pathlib.Path) -> None:
   f = lambda v, p=3: "—" if v is None else f"{v:.{p}f}"
   lines = ["# Transfer quality on real models (issue 6)", "",
            f"Measured {meta['date']} on {meta['machine']}.", "",
-           f"Command: `{meta['command']}`", "",
+           "Produced in pieces (resumable; every NLL cached), by these runs:", "",
+           *[f"- `python scripts/bench_quality.py {' '.join(r['argv'])}` (finished {r['finished']}, {r['seconds']} s)"
+             for r in meta["runs"]],
+           f"- tables rebuilt by `{meta['command']}`", "",
            "Held-out NLL: mean next-token NLL (nats) of the target on the held-out pydoc blocks of 128 "
-           "tokens (count in the *blocks* column (each model's own tokenizer; `crosslora_jax.textdata.heldout_blocks`). Δ = NLL − base NLL, "
+           "tokens (count in the *blocks* column; each model's own tokenizer, `crosslora_jax.textdata.heldout_blocks`). Δ = NLL − base NLL, "
            "± the paired standard error over blocks. Recovery = (base − method) / (base − trained), "
            "where *trained* is a LoRA trained on the target (SmolLM2: the shipped example adapter, "
            f"{RECIPE}; other models: see the Targets table). Source gain = the source's own base − trained NLL.", "",
@@ -537,6 +532,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     run_pairs(args, cache)
     log(f"done in {time.perf_counter() - t0:.0f}s")
+    with open(cache.root / "runs.jsonl", "a") as f:
+      f.write(json.dumps({"finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                          "seconds": round(time.perf_counter() - t0), "argv": sys.argv[1:]}) + "\n")
   write_results(collect(cache), args, pathlib.Path(args.out))
   return 0
 
