@@ -348,11 +348,13 @@ class _Side:
 
 
 def _space_name(module: str, side: str) -> str:
-  """Probe name; gate/up outputs and down's input share the FFN activation space."""
+  """Probe name: gate/up outputs and down's input share the FFN activation space; modules behind one norm share it."""
   in_space, out_space = SPACES[module]
   space = in_space if side == "in" else out_space
   if space == FFN:
     return "ffn:up_proj"
+  if side == "in" and space == RESIDUAL:  # one map per norm: q/k/v read one input, gate/up another
+    return "in:q_proj" if INPUT_NORM[module] == "attn" else "in:up_proj"
   return f"{side}:{module}"
 
 

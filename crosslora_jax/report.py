@@ -41,6 +41,13 @@ class Report:
         "mean_norm_ratio": _mean([x["norm_ratio"] for x in e]),
         "mean_overlap": _mean([x["overlap"] for x in e]),
         "rank_used": sorted({x["rank_used"] for x in e if x["rank_used"] is not None}),
+        # --method anchored: the guard's decisions; any method: norm calibration
+        "guard": {g: sum(x.get("guard") == g for x in e) for g in ("kept", "attenuated", "skipped")
+                  if any(x.get("guard") == g for x in e)},
+        "mean_predicted_transferability": _mean([x.get("predicted_transferability") for x in e]),
+        "norm_calibrated": bool(report.config.get("calibrate_norm")),
+        "mean_relative_update_source": _mean([x.get("relative_update_source") for x in e]),
+        "mean_relative_update_target": _mean([x.get("relative_update_target") for x in e]),
     }
     return report
 
@@ -66,12 +73,23 @@ class Report:
         f"overlap {fmt(s['mean_overlap'])}",
         f"  {self.seconds:.1f} s ({self.seconds_decompose:.1f} s decomposing base weights), output {self.output_dtype}",
     ]
+    lines.append(f"  |dW|/|W| source {fmt(s['mean_relative_update_source'])}, target "
+                 f"{fmt(s['mean_relative_update_target'])} (norm calibration {'on' if s['norm_calibrated'] else 'off'})")
+    if s["guard"]:
+      lines.append(f"  anchored guard: " + ", ".join(f"{g} {n}" for g, n in s["guard"].items())
+                   + f"; mean predicted transferability {fmt(s['mean_predicted_transferability'])}"
+                   + f" (threshold {report_threshold(self.config)})")
     reasons: dict[str, int] = {}
     for x in self.skipped:
       reasons[x["reason"]] = reasons.get(x["reason"], 0) + 1
     for reason, n in reasons.items():
       lines.append(f"  skipped {n}: {reason}")
     return "\n".join(lines)
+
+
+def report_threshold(config: dict[str, Any]) -> str:
+  anchor = config.get("anchor") or {}
+  return f"{anchor['threshold']:g}" if isinstance(anchor, dict) and "threshold" in anchor else "n/a"
 
 
 def _jsonable(x: Any) -> Any:

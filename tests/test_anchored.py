@@ -143,6 +143,7 @@ def test_default_guard_on_unrelated_models_keeps_the_target_at_its_base(models, 
   result = transfer_adapter(models["llama"][0], models["qwen2"][0], models["llama"][1],
                             TransferConfig(method="anchored", anchor=anchored.AnchorConfig(tokens=VOCAB)))
   assert {e["guard"] for e in result.report.entries} == {"skipped"}
+  assert f"anchored guard: skipped {len(result.report.entries)};" in result.report.text()
   assert all(np.abs(p.b_or).max() == 0 for p in result.adapter.modules.values())
 
 
