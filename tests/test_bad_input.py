@@ -15,6 +15,7 @@ import importlib
 import json
 import os
 import pathlib
+import re
 import resource
 import shutil
 import signal
@@ -71,6 +72,7 @@ class Case:
     self.source, self.target, self.adapter = models / "src", models / "tgt", models / "ad"
     self.output = tmp / "out"
     self.extra: list[str] = []
+    self.late = False  # found while reading weights lazily: progress lines may precede the error
 
   def copy(self, name: str) -> pathlib.Path:
     dst = self.tmp / name
@@ -406,15 +408,15 @@ def inf_in_adapter(c):
 
 def nan_in_source_weight(c):
   c.source = c.copy("src")
+  c.late = True
   _edit_tensors(c.source / "model.safetensors", _poison(f"{Q0}.weight", np.nan))
   return [str(c.source / "model.safetensors"), f"{Q0}.weight", "NaN or Inf"]
 
 
 def inf_in_target_weight(c):
-  # Read after the source is decomposed: the progress bar would have printed, so turn it off.
   c.target = c.copy("tgt")
+  c.late = True
   _edit_tensors(c.target / "model.safetensors", _poison(f"{V1}.weight", np.inf))
-  c.extra = ["--noprogress"]
   return [str(c.target / "model.safetensors"), f"{V1}.weight", "NaN or Inf"]
 
 
@@ -515,10 +517,16 @@ def run_in_process(args, capsys):
   return rc, out, err
 
 
+PROGRESS_LINE = re.compile(r"[a-z ]+: \d+/\d+ \(\d+%, [\d.]+s\)")
+
+
 def assert_refused(rc, out, err, c: Case, names):
   lines = [line for line in err.splitlines() if line.strip()]
   assert rc == 2, (rc, out, err)
   assert "Traceback" not in err and "Traceback" not in out
+  if c.late:  # weights are read (and checked) lazily, once the progress bar has started
+    assert all(PROGRESS_LINE.fullmatch(line) for line in lines[:-1]), err
+    lines = lines[-1:]
   assert len(lines) == 1, err
   assert lines[0].startswith("error: "), lines
   for name in names:
