@@ -29,6 +29,7 @@ Maps are memoised per (source, target, layer pair, space) for the life of the pr
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -459,12 +460,20 @@ _CACHE: dict[tuple[str, str, AnchorConfig], Anchors] = {}
 
 
 def anchors_for(source, target, config: AnchorConfig = AnchorConfig()) -> Anchors:
-  """Anchors memoised by the two models' fingerprints and the config (one pair kept)."""
-  key = (source.fingerprint(), target.fingerprint(), config)
+  """Anchors memoised by the two models' fingerprints and the fields the maps depend on.
+
+  One pair is kept. Guard settings (threshold, shrink, scale) do not change the maps: a
+  cached pair is handed out as a shallow copy carrying ``config``, sharing its maps.
+  """
+  maps_only = dataclasses.replace(config, threshold=AnchorConfig.threshold, shrink=AnchorConfig.shrink,
+                                  scale=AnchorConfig.scale)
+  key = (source.fingerprint(), target.fingerprint(), maps_only)
   if key not in _CACHE:
     _CACHE.clear()
-    _CACHE[key] = Anchors(source, target, config)
-  return _CACHE[key]
+    _CACHE[key] = Anchors(source, target, maps_only)
+  view = copy.copy(_CACHE[key])
+  view.config = config
+  return view
 
 
 def relative_update_norms(w_s: np.ndarray, w_t: np.ndarray, a_s, b_s, a_t, b_t) -> tuple[float, float]:
