@@ -506,13 +506,14 @@ def from_tree(tree: LoraTree | Any, meta: Mapping[str, Any] | None = None, *, la
       problems.append(f"{where}: rank {entry['rank']} expected (from meta), got {rank}")
       continue
     if torch_layout:
-      modules[hf] = peft_format.LoraPair(x_a, x_b)
-      continue
-    b_ro = x_b
-    if meta["layout"] == "nnx" and entry is not None:
-      fix = entry.get("lora_b_fix") if entry.get("lora_b_sha256") == _digest(x_b) else None
-      b_ro = unfold_scaling(x_b, entry["scaling"], fix)
-    modules[hf] = peft_format.LoraPair(to_torch_orientation(x_a), to_torch_orientation(b_ro))
+      a_ri, b_or = x_a, x_b
+    else:
+      b_ro = x_b
+      if meta["layout"] == "nnx" and entry is not None:
+        fix = entry.get("lora_b_fix") if entry.get("lora_b_sha256") == _digest(x_b) else None
+        b_ro = unfold_scaling(x_b, entry["scaling"], fix)
+      a_ri, b_or = to_torch_orientation(x_a), to_torch_orientation(b_ro)
+    modules[hf] = peft_format.LoraPair(np.array(a_ri, order="C"), np.array(b_or, order="C"))  # owned, writable
   collect_and_raise(problems)
   if "peft_config" in meta:
     return peft_format.PeftAdapter(dict(meta["peft_config"]), modules)

@@ -129,9 +129,7 @@ def _result(params: Any, meta: Mapping[str, Any], where: str) -> Lora:
   kind = meta.pop("orbax", {}).get("kind")
   tree = flax_bridge.LoraTree(params, flax_bridge.check_meta(meta, f"{where}: meta"))
   if kind == _KIND_ADAPTER:
-    adapter = flax_bridge.from_tree(tree)
-    modules = {p: peft_format.LoraPair(np.asarray(x.a_ri), np.asarray(x.b_or)) for p, x in adapter.modules.items()}
-    return peft_format.PeftAdapter(adapter.config, modules)
+    return flax_bridge.from_tree(tree)  # numpy arrays, as read_adapter gives
   return tree
 
 

@@ -64,7 +64,7 @@ def test_peft_adapter_save_restore_is_exact(tmp_path):
   assert sorted(got.modules) == sorted(adapter.modules)
   for path, pair in adapter.modules.items():
     for x, y in zip(got.modules[path], pair):
-      assert isinstance(x, np.ndarray) and x.dtype == y.dtype and x.shape == y.shape
+      assert isinstance(x, np.ndarray) and x.flags.writeable and x.dtype == y.dtype and x.shape == y.shape
       assert np.array_equal(x, y)
 
 
