@@ -57,7 +57,7 @@ EXAMPLE_ADAPTER = REPO / "examples" / "smollm2-pydoc-lora"
 RECIPE = dict(steps=120, lr=2e-3, batch_size=8, block_size=128, seed=0, r=8, alpha=16)
 PAIRS = ("smollm2:smollm2", "smollm2:qwen05", "smollm2:gemma", "qwen05:smollm2", "gemma:smollm2",
          "qwen05:gemma", "gemma:qwen05", "qwen05:qwen15")
-RANK_SWEEP = ("64", "160", "320", "full")
+RANK_SWEEP = ("320", "full", "64", "160")  # run order: the default, the exact check, then lower ranks
 BASE_METHODS = ("cross_lora", "lora_x", "copy", "truncate_pad", "random")
 
 
@@ -106,13 +106,12 @@ class Cache:
 # ----------------------------------------------------------------------------- adapters
 
 
-TRAIN_OVERRIDES: dict[str, int] = {}  # --train_steps / --train_batch: a cheaper recipe for the bigger models
+TRAIN_OVERRIDES: dict[str, int] = {}  # --train_steps / --train_batch: a cheaper recipe (compute)
+USE_EXAMPLE = [True]  # --no_example: train SmolLM2's LoRA here like the others instead of the shipped one
 
 
 def recipe_for(short: str) -> dict[str, Any]:
-  """RECIPE, with the --train_* overrides for models other than SmolLM2 (compute)."""
-  if short == "smollm2":
-    return dict(RECIPE)
+  """RECIPE with the --train_* overrides: the recipe of every LoRA this benchmark trains."""
   return {**RECIPE, **TRAIN_OVERRIDES}
 
 
@@ -122,7 +121,7 @@ def recipe_tag(recipe: dict[str, Any]) -> str:
 
 def trained_adapter(short: str, cache: Cache, threads: int) -> pathlib.Path:
   """The LoRA trained on ``short``: the shipped example for SmolLM2, else a cached training run."""
-  if short == "smollm2":
+  if short == "smollm2" and USE_EXAMPLE[0]:
     if not (EXAMPLE_ADAPTER / "adapter_model.safetensors").exists():
       raise SystemExit(f"error: {EXAMPLE_ADAPTER}: the example adapter expected, got nothing. "
                        "Run scripts/train_example_adapter.py first.")
@@ -234,14 +233,17 @@ class Target:
 _TRANSFERS: dict[tuple, Any] = {}  # one transfer serves cross_lora, random and cross_lora_cal
 
 
+SVD = ["exact"]  # --svd
+
+
 def transfer(source: str, target: str, adapter_dir: pathlib.Path, method: str, rank: int):
   import crosslora_jax
 
-  key = (source, target, str(adapter_dir), method, rank)
+  key = (source, target, str(adapter_dir), method, rank, SVD[0])
   if key in _TRANSFERS:
     return _TRANSFERS[key]
   name, cal = method.removesuffix("+cal"), method.endswith("+cal")
-  cfg = crosslora_jax.TransferConfig(method=name, rank=rank, calibrate_norm=cal)
+  cfg = crosslora_jax.TransferConfig(method=name, rank=rank, calibrate_norm=cal, svd=SVD[0])
   t0 = time.perf_counter()
   res = crosslora_jax.transfer_adapter(str(zoo.fetch_model(MODELS[source])), str(zoo.fetch_model(MODELS[target])),
                                        str(adapter_dir), cfg)
@@ -276,6 +278,10 @@ def run_pairs(args, cache: Cache) -> None:
       if cache.get(key) is not None:
         log(f"{key}: cached")
         return
+      if target == "qwen15" and tgt is not None:  # 6 GB in float32: not held while a transfer runs
+        tgt = None
+        import gc
+        gc.collect()
       update, info = make_update()
       if tgt is None:
         log(f"loading {target} ({b} blocks)")
@@ -304,13 +310,14 @@ def run_pairs(args, cache: Cache) -> None:
         if method.removesuffix("+cal") in ("copy", "truncate_pad", "anchored"):
           method_ranks = ["-"]  # rank plays no part
         for rank_text in method_ranks:
-          key = f"{target}/{source}-{digest}/{method}/r{rank_text}/b{b}"
+          svd = "" if args.svd == "exact" else f"-{args.svd}"
+          key = f"{target}/{source}-{digest}/{method}/r{rank_text}{svd}/b{b}"
           evaluate(key, _maker(method, source, target, src_adapter, parse_rank(rank_text)),
-                   {"variant": method, "source": source, "rank": rank_text})
-      if source == target == "smollm2" and cache.get(f"smollm2/peft-check/b{b}") is None:
+                   {"variant": method, "source": source, "rank": rank_text, "svd": args.svd})
+      if source == target == "smollm2" and cache.get(f"smollm2/peft-check-{digest}/b{b}") is None:
         del tgt
         tgt = None
-        peft_check(cache, b, args.threads)
+        peft_check(cache, b, args.threads, src_adapter, digest)
     del tgt
 
 
@@ -333,8 +340,8 @@ def _maker(method: str, source: str, target: str, adapter_dir: pathlib.Path, ran
   return make
 
 
-def peft_check(cache: Cache, n_blocks: int, threads: int) -> None:
-  """The harness's merge equals PEFT's forward: the example adapter through PeftModel, 4 blocks."""
+def peft_check(cache: Cache, n_blocks: int, threads: int, adapter_dir: pathlib.Path, digest: str) -> None:
+  """The harness's merge equals PEFT's forward: SmolLM2's adapter through PeftModel, 4 blocks."""
   import peft
   import torch
   from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -344,13 +351,14 @@ def peft_check(cache: Cache, n_blocks: int, threads: int) -> None:
   tok = AutoTokenizer.from_pretrained(model_dir)
   blocks = textdata.heldout_blocks(tok, n=n_blocks, block_size=128)[:4]
   base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-  model = peft.PeftModel.from_pretrained(base, str(EXAMPLE_ADAPTER)).eval()
+  model = peft.PeftModel.from_pretrained(base, str(adapter_dir)).eval()
   peft_nll, _ = textdata.mean_nll(model, blocks)
   tgt = Target("smollm2", n_blocks, threads)
   tgt.blocks = blocks
-  merged_nll, _, _ = tgt.nll(update_from_adapter(_read(EXAMPLE_ADAPTER)))
-  cache.put(f"smollm2/peft-check/b{n_blocks}", {"variant": "peft-check", "peft_nll": peft_nll,
-                                                "merged_nll": merged_nll, "blocks": 4})
+  merged_nll, _, _ = tgt.nll(update_from_adapter(_read(adapter_dir)))
+  cache.put(f"smollm2/peft-check-{digest}/b{n_blocks}", {"variant": "peft-check", "peft_nll": peft_nll,
+                                                         "merged_nll": merged_nll, "blocks": 4,
+                                                         "adapter": str(adapter_dir.relative_to(REPO))})
   log(f"peft check: PEFT {peft_nll:.5f} vs merged {merged_nll:.5f}")
 
 
@@ -365,12 +373,30 @@ def se(a, b) -> float:
   return textdata.paired_se(np.asarray(a), np.asarray(b))
 
 
+def smollm2_digest(cache: Cache) -> str | None:
+  """Digest of the SmolLM2 adapter in play (shipped example, or --no_example's trained one)."""
+  if USE_EXAMPLE[0]:
+    f = EXAMPLE_ADAPTER / "adapter_model.safetensors"
+  else:
+    f = cache.root / "lora" / f"smollm2-{recipe_tag(recipe_for('smollm2'))}" / "adapter_model.safetensors"
+  return file_digest(f) if f.exists() else None
+
+
+def _digest(rec: dict[str, Any]) -> str:
+  return rec["key"].split("/")[1].rsplit("-", 1)[-1]
+
+
 def collect(cache: Cache) -> dict[str, Any]:
   """Rows for every cached (pair, method, rank), each against base/trained on the same blocks.
 
-  When one row was measured at several block counts, the largest count wins.
+  When one row was measured at several block counts, the largest count wins. Only the
+  SmolLM2 adapter in play counts (as source, and as SmolLM2's trained upper bound).
   """
-  recs = cache.records()
+  digest = smollm2_digest(cache)
+  recs = [r for r in cache.records()
+          if not ((r.get("source") == "smollm2" or (r["target"] == "smollm2" and r["variant"] == "trained"))
+                  and _digest(r) != digest)
+          and not (r["variant"] == "peft-check" and not r["key"].endswith(f"-{digest}/b{r['key'].split('/b')[-1]}"))]
   base = {(r["target"], r["blocks"]): r for r in recs if r["variant"] == "base"}
   trained = {(r["target"], r["blocks"]): r for r in recs if r["variant"] == "trained"}
   best: dict[tuple, dict[str, Any]] = {}
@@ -512,7 +538,10 @@ def main(argv=None) -> int:
   p.add_argument("--train_steps", type=int, default=None,
                  help="steps for the LoRAs trained on models other than SmolLM2 (default: the example's recipe)")
   p.add_argument("--train_batch", type=int, default=None, help="batch size for those LoRAs (default: the recipe's)")
+  p.add_argument("--no_example", action="store_true",
+                 help="train SmolLM2's LoRA with the (overridden) recipe instead of using the shipped example")
   p.add_argument("--train_qwen15", action="store_true", help="also train the Qwen2.5-1.5B upper bound")
+  p.add_argument("--svd", default="exact", help="the engine's truncated-SVD algorithm (exact, gram, randomized)")
   p.add_argument("--threads", type=int, default=2)
   p.add_argument("--cache_dir", default=str(REPO / ".cache" / "bench_quality"))
   p.add_argument("--out", default=str(REPO / "results"))
@@ -523,6 +552,8 @@ def main(argv=None) -> int:
     if len(parts) != 2 or any(x not in MODELS for x in parts):
       print(f"error: --pairs: source:target with names in {', '.join(MODELS)} expected, got {pair!r}", file=sys.stderr)
       return 2
+  USE_EXAMPLE[0] = not args.no_example
+  SVD[0] = args.svd
   if args.train_steps:
     TRAIN_OVERRIDES["steps"] = args.train_steps
   if args.train_batch:
