@@ -442,7 +442,7 @@ def write_results(data: dict[str, Any], args, out: pathlib.Path) -> None:
           "command": "python scripts/bench_quality.py " + " ".join(sys.argv[1:]),
           "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}, "
                      f"Python {sys.version.split()[0]}, no GPU",
-          "block_size": 128, "recipe": RECIPE, "default_rank": args.rank}
+          "block_size": 128, "recipe": RECIPE, "note": args.note, "default_rank": args.rank}
   runs_file = pathlib.Path(args.cache_dir) / "runs.jsonl"
   meta["runs"] = [json.loads(l) for l in runs_file.read_text().splitlines()] if runs_file.exists() else []
   (out / "quality.json").write_text(json.dumps({"meta": meta, **data}, indent=1, default=float) + "\n")
@@ -453,6 +453,7 @@ def write_results(data: dict[str, Any], args, out: pathlib.Path) -> None:
   f = lambda v, p=3: "—" if v is None else f"{v:.{p}f}"
   lines = ["# Transfer quality on real models (issue 6)", "",
            f"Measured {meta['date']} on {meta['machine']}.", "",
+           *([f"**Status.** {args.note}", ""] if args.note else []),
            "Produced in pieces (resumable; every NLL cached), by these runs:", "",
            *[f"- `python scripts/bench_quality.py {' '.join(r['argv'])}` (finished {r['finished']}, {r['seconds']} s)"
              for r in meta["runs"]],
@@ -460,8 +461,11 @@ def write_results(data: dict[str, Any], args, out: pathlib.Path) -> None:
            "Held-out NLL: mean next-token NLL (nats) of the target on the held-out pydoc blocks of 128 "
            "tokens (count in the *blocks* column; each model's own tokenizer, `crosslora_jax.textdata.heldout_blocks`). Δ = NLL − base NLL, "
            "± the paired standard error over blocks. Recovery = (base − method) / (base − trained), "
-           "where *trained* is a LoRA trained on the target (SmolLM2: the shipped example adapter, "
-           f"{RECIPE}; other models: see the Targets table). Source gain = the source's own base − trained NLL.", "",
+           "where *trained* is a LoRA trained on the target "
+           + (f"(SmolLM2: the shipped example adapter, {RECIPE}; other models: see the Targets table)"
+              if USE_EXAMPLE[0] else "(every model, SmolLM2 included, trained here: recipe in the Targets table); "
+              "the same LoRA is the source adapter when that model is the source")
+           + ". Source gain = the source's own base − trained NLL.", "",
            "| source → target | method | rank | blocks | NLL | Δ vs base (± s.e.) | recovery | target base / trained | source gain |",
            "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
@@ -546,6 +550,7 @@ def main(argv=None) -> int:
   p.add_argument("--cache_dir", default=str(REPO / ".cache" / "bench_quality"))
   p.add_argument("--out", default=str(REPO / "results"))
   p.add_argument("--report_only", action="store_true", help="only rebuild results/ from the cache")
+  p.add_argument("--note", default="", help="a status paragraph for the top of quality.md")
   args = p.parse_args(argv)
   for pair in args.pairs.split(","):
     parts = pair.split(":")
