@@ -394,14 +394,14 @@ def collect(cache: Cache) -> dict[str, Any]:
   """
   digest = smollm2_digest(cache)
   recs = [r for r in cache.records()
-          if not ((r.get("source") == "smollm2" or (r["target"] == "smollm2" and r["variant"] == "trained"))
+          if not ((r.get("source") == "smollm2" or (r.get("target") == "smollm2" and r["variant"] == "trained"))
                   and _digest(r) != digest)
           and not (r["variant"] == "peft-check" and not r["key"].endswith(f"-{digest}/b{r['key'].split('/b')[-1]}"))]
   base = {(r["target"], r["blocks"]): r for r in recs if r["variant"] == "base"}
   trained = {(r["target"], r["blocks"]): r for r in recs if r["variant"] == "trained"}
   best: dict[tuple, dict[str, Any]] = {}
   for r in recs:
-    if r["variant"] in ("base", "trained", "peft-check") or (r["target"], r["blocks"]) not in base:
+    if r["variant"] in ("base", "trained", "peft-check") or (r.get("target"), r.get("blocks")) not in base:
       continue
     k = (r["source"], r["target"], r["variant"], r["rank"])
     if k not in best or r["blocks"] > best[k]["blocks"]:
@@ -481,7 +481,7 @@ def write_results(data: dict[str, Any], args, out: pathlib.Path) -> None:
     lines.append(f"| {t} | {v['base_nll']:.3f} | {d} | {recipe or '—'} | {f(v['train_seconds'], 0)} | {f(v['eval_seconds'], 0)} |")
   if data["peft_check"]:
     c = data["peft_check"]
-    lines += ["", f"Harness check: the example adapter through `PeftModel.from_pretrained` gives NLL "
+    lines += ["", f"Harness check: SmolLM2's source adapter (`{c.get('adapter', '')}`) through `PeftModel.from_pretrained` gives NLL "
               f"{c['peft_nll']:.5f} on 4 blocks, the harness's merged ΔW {c['merged_nll']:.5f}."]
   sweep = [r for r in rows if r["source"] == r["target"] and r["method"] == "cross_lora"]
   if sweep:
