@@ -30,6 +30,8 @@ from crosslora_jax.report import Report
 BaseLike = Union[str, os.PathLike, BaseWeights, Mapping[str, Any]]
 LoraLike = Union[peft_format.PeftAdapter, flax_bridge.LoraTree, str, os.PathLike]
 FACTOR_METHODS = ("cross_lora", "lora_x", "copy", "truncate_pad")  # per-module maths of the two weights alone
+# The options of transfer_factors / transfer_flax_factors that fix shapes or code paths: static under jit.
+STATIC_ARGNAMES = ("rank", "method", "svd", "solver", "n_oversamples", "n_power_iter")
 
 
 class LazyWeights(Mapping):
@@ -166,17 +168,20 @@ def transfer(source: BaseLike, target: BaseLike, lora: LoraLike, *,
 
 def transfer_factors(w_s_oi: jax.Array, w_t_oi: jax.Array, a_ri: jax.Array, b_or: jax.Array,
                      key: jax.Array | None = None, *, rank: int = 320, method: str = "cross_lora",
-                     svd: str = "exact", solver: str = "closed") -> kernels.Projected:
+                     svd: str = "exact", solver: str = "closed", n_oversamples: int = kernels.DEFAULT_OVERSAMPLES,
+                     n_power_iter: int = kernels.DEFAULT_POWER_ITER) -> kernels.Projected:
   """One module's transfer in torch orientation; pure, jit with the keyword options static.
 
   ``w_s_oi`` (out_s, in_s) and ``w_t_oi`` (out_t, in_t) are the base weights,
   ``a_ri`` (r, in_s) / ``b_or`` (out_s, r) the source LoRA (scaled or not: the maps
   are linear in B). Returns ``Projected(a_ri (r, in_t), b_or (out_t, r), norm_ratio)``
   in float32. The SVD rank is clipped to min(rank, out_s, in_s, out_t, in_t) as the
-  planner does. ``key`` (for ``svd="randomized"``) is split between source and
-  target, so randomized results differ from the engine's per-layer keys.
+  planner does. ``svd`` defaults to "exact", which needs no key; the engine's
+  default is ``kernels.DEFAULT_SVD``, so pass ``svd="exact"`` to both to compare
+  numbers. ``key`` (for ``svd="randomized"``) is split between source and target,
+  so randomized draws differ from the engine's per-layer keys.
 
-  >>> f = jax.jit(transfer_factors, static_argnames=("rank", "method", "svd", "solver"))
+  >>> f = jax.jit(transfer_factors, static_argnames=STATIC_ARGNAMES)
   >>> out = f(jnp.eye(6, 4), jnp.eye(5, 3), jnp.ones((2, 4)), jnp.ones((6, 2)), rank=3)
   >>> out.a_ri.shape, out.b_or.shape
   ((2, 3), (5, 2))
@@ -204,17 +209,19 @@ def transfer_factors(w_s_oi: jax.Array, w_t_oi: jax.Array, a_ri: jax.Array, b_or
   key_s = key_t = None
   if key is not None:
     key_s, key_t = jax.random.split(key)
-  sub_t = kernels.truncated_svd(w_t_oi, key_t, rank=k, method=svd)
+  svd_options = dict(rank=k, method=svd, n_oversamples=n_oversamples, n_power_iter=n_power_iter)
+  sub_t = kernels.truncated_svd(w_t_oi, key_t, **svd_options)
   if method == "lora_x":
     return kernels.project_lora_x(sub_t, a_ri, b_or)
-  sub_s = kernels.truncated_svd(w_s_oi, key_s, rank=k, method=svd)
+  sub_s = kernels.truncated_svd(w_s_oi, key_s, **svd_options)
   return kernels.project_cross_lora(sub_s, sub_t, a_ri, b_or, solver=solver)
 
 
 def transfer_flax_factors(kernel_s_io: jax.Array, kernel_t_io: jax.Array, lora_a_ir: jax.Array,
                           lora_b_ro: jax.Array, key: jax.Array | None = None, *, rank: int = 320,
-                          method: str = "cross_lora", svd: str = "exact",
-                          solver: str = "closed") -> tuple[jax.Array, jax.Array]:
+                          method: str = "cross_lora", svd: str = "exact", solver: str = "closed",
+                          n_oversamples: int = kernels.DEFAULT_OVERSAMPLES,
+                          n_power_iter: int = kernels.DEFAULT_POWER_ITER) -> tuple[jax.Array, jax.Array]:
   """:func:`transfer_factors` in Flax orientation: kernels (in, out), lora_a (in, r), lora_b (r, out).
 
   Returns the target's ``(lora_a (in_t, r), lora_b (r, out_t))`` in float32. An
@@ -222,6 +229,7 @@ def transfer_flax_factors(kernel_s_io: jax.Array, kernel_t_io: jax.Array, lora_a
   """
   to_torch = flax_bridge.to_torch_orientation
   out = transfer_factors(to_torch(kernel_s_io), to_torch(kernel_t_io), to_torch(lora_a_ir), to_torch(lora_b_ro),
-                         key, rank=rank, method=method, svd=svd, solver=solver)
+                         key, rank=rank, method=method, svd=svd, solver=solver, n_oversamples=n_oversamples,
+                         n_power_iter=n_power_iter)
   return flax_bridge.to_flax_orientation(out.a_ri), flax_bridge.to_flax_orientation(out.b_or)
 

@@ -223,7 +223,7 @@ def test_qwix_model_matches_peft(made):
   ys = run(lora_model, xs)
   for path in adapter.modules:
     key = fb.path_str(km.to_tree(path))
-    base_out, lora_out = peft_reference(base, adapter, path, xs[key].astype(np.float64))
+    base_out, lora_out = peft_reference(base, adapter, path, np.asarray(xs[key], np.float64))
     scale = np.abs(base_out + lora_out).max()
     np.testing.assert_allclose(np.asarray(ys[key], np.float64), base_out + lora_out, atol=2e-5 * scale, rtol=0,
                                err_msg=path)

@@ -22,7 +22,7 @@ jnp = jax.numpy
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RANK = 8
-CONFIG = engine.TransferConfig(rank=RANK, base_model_name="tiny-qwen2")
+CONFIG = engine.TransferConfig(rank=RANK, svd="exact", base_model_name="tiny-qwen2")  # exact: comparable per module
 TEMPLATE = ("model.layers.{layer}.{block}.{name}", "blocks/{layer}/{block}/{name}")
 Q = "model.layers.0.self_attn.q_proj"
 
@@ -61,7 +61,7 @@ def test_pytree_api_matches_cli(made, api_result, tmp_path):
   root, _ = made
   out, orbax_out = tmp_path / "out", tmp_path / "out_orbax"
   cmd = [sys.executable, "-m", "crosslora_jax.transfer", f"--source_model={root / 'src'}",
-         f"--target_model={root / 'tgt'}", f"--adapter={root / 'adapter'}", f"--output={out}", f"--rank={RANK}",
+         f"--target_model={root / 'tgt'}", f"--adapter={root / 'adapter'}", f"--output={out}", f"--rank={RANK}", "--svd=exact",
          "--base_model_name_or_path=tiny-qwen2", "--noprogress", f"--orbax_output={orbax_out}"]
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
