@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
   shown = adapter.relative_to(REPO) if adapter.is_relative_to(REPO) else adapter
   print(f"\n== 2. transfer {shown}: {SOURCE} -> {TARGET}", flush=True)
   output = pathlib.Path(args.output)
+  output.parent.mkdir(parents=True, exist_ok=True)
   cmd = [sys.executable, "-m", "crosslora_jax.transfer", f"--source_model={source_dir}",
          f"--target_model={target_dir}", f"--adapter={adapter}", f"--output={output}",
          f"--report={output.parent / (output.name + '.report.json')}", "--overwrite"]
