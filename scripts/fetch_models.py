@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--models", default=",".join(zoo.DEFAULT_MODELS),
                       help=f"comma-separated names from: {', '.join(zoo.MODELS)}")
   parser.add_argument("--with_1_5b", action="store_true", help="also fetch qwen2.5-coder-1.5b")
-  parser.add_argument("--cache_dir", default=None, help=f"cache root (default ${zoo.CACHE_ENV} or ~/.cache/crosslora_jax)")
+  parser.add_argument("--cache_dir", default=None,
+                      help=f"cache root (default ${zoo.CACHE_ENV} or ~/.cache/crosslora_jax)")
   parser.add_argument("--threads", type=int, default=2, help="torch threads for the conversion")
   args = parser.parse_args(argv)
   names = [n.strip() for n in args.models.split(",") if n.strip()]

@@ -66,7 +66,7 @@ base drops clearly when the adapter is on.
   ({n_train_blocks} training blocks).
 - LoRA: r={r}, lora_alpha={alpha}, dropout 0, no bias, modules {modules}
   ({n_params:,} parameters, saved in fp16, {n_bytes:,} bytes).
-- Optimiser: AdamW (weight decay 0), lr {lr}, {warmup} warm-up steps then cosine decay to 0,
+- Optimiser: AdamW (weight decay 0), lr {lr}, linear warm-up over {warmup} step(s) then cosine decay to 0,
   grad-norm clip 1.0; {steps} steps of {batch_size} blocks drawn with replacement; seed {seed}
   (`torch.manual_seed` for the LoRA init, a seeded `torch.Generator` for the batches).
 - Rank 8 rather than the paper's 16: rank 16 on all seven modules is 9.8 MB in fp16, over this
@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
   try:
     model.save_pretrained(str(scratch))
     del model
+    config_path = scratch / "adapter_config.json"  # peft keeps target_modules as a set: fix the order
+    config = json.loads(config_path.read_text())
+    config["target_modules"] = sorted(config["target_modules"])
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     n_bytes = (scratch / "adapter_model.safetensors").stat().st_size
     if n_bytes > MAX_BYTES:
       print(f"train_example_adapter: adapter_model.safetensors: at most {MAX_BYTES} bytes expected, got {n_bytes}. "
@@ -156,7 +160,6 @@ def main(argv: list[str] | None = None) -> int:
     after, after_blocks = textdata.mean_nll(loaded, heldout)
     print(f"[train] adapter held-out NLL {after:.4f} (base {before:.4f})", file=sys.stderr, flush=True)
 
-    config = json.loads((scratch / "adapter_config.json").read_text())
     argv_text = "".join(f" --{k} {v}" for k, v in vars(args).items()
                         if k not in ("out", "cache_dir", "threads") and v != parser.get_default(k))
     card = CARD.format(
@@ -175,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
       shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(scratch), str(out))
+    out.chmod(0o755)  # mkdtemp made it 0700, safetensors writes 0600
+    for path in out.iterdir():
+      path.chmod(0o644)
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
   print(out)
