@@ -193,13 +193,17 @@ def transfer(source: str | os.PathLike[str] | BaseWeights, target: str | os.Path
           proj, extra = anchored.project_bucket(anchors, module, [items[i] for i in idxs])
         else:  # copy
           proj = kernels.Projected(a, b, jnp.ones(len(idxs)))
+        proj = jax.tree.map(np.asarray, proj)  # block before dispatching more (see overlap below)
         proj, calib = anchored.calibrate_bucket(source_w, target_w, module, [items[i] for i in idxs], proj,
                                                 apply=config.calibrate_norm)
+        proj = jax.tree.map(np.asarray, proj)
         overlap = None
         if needs_source:
-          overlap = np.asarray((kernels.batched_overlap(take(sub_s_all).u, take(sub_t_all).u)
-                                + kernels.batched_overlap(take(sub_s_all).v, take(sub_t_all).v)) / 2)
-        proj = jax.tree.map(np.asarray, proj)
+          # Two overlap computations in flight at once (async dispatch) deadlocked XLA's CPU
+          # runtime on real-model sizes (all threads in futex wait): run them one at a time.
+          ov_u = np.asarray(kernels.batched_overlap(take(sub_s_all).u, take(sub_t_all).u))
+          ov_v = np.asarray(kernels.batched_overlap(take(sub_s_all).v, take(sub_t_all).v))
+          overlap = (ov_u + ov_v) / 2
         for row, i in enumerate(idxs):
           w = items[i]
           per_adapter[n][(w.target_layer, module)] = (proj.a_ri[row], proj.b_or[row], w.factors.scaling)
