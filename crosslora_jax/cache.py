@@ -1,0 +1,196 @@
+"""On-disk cache of base-weight subspaces: each one is computed once, then reused.
+
+A transfer needs the rank-r truncated SVD of every adapted base weight of both
+models; those depend on the base weights only, never on the adapter, so they are
+saved here and reused by later runs and by every other adapter.
+
+Layout (root = ``--cache_dir``, by default :func:`default_cache_dir`)::
+
+  <root>/<model id>/model.json                        what the id stands for (for people)
+  <root>/<model id>/<module>-L<layer>-<options>.safetensors   u, s, v, energy (float32)
+
+The model id is the sha256 of ``BaseWeights.fingerprint()``: for a checkpoint
+folder, its config.json plus name, size and mtime of every weight file (cheap:
+no pass over gigabytes of weights; a copy of the folder elsewhere, with new
+mtimes, gets a new id; rewriting a weight file in place with equal size and
+mtime would go unnoticed). For in-memory weights it hashes the arrays.
+
+Every entry carries its full key (model id, module, layer, weight shape, rank,
+SVD method and its options, format version) and a sha256 of its tensor bytes in
+the safetensors metadata. :meth:`SubspaceCache.load` checks both, and the shapes
+and finiteness of what it read: an entry that fails any check is reported as
+rejected and treated as a miss, so the caller recomputes it and
+:meth:`SubspaceCache.store` overwrites it. Writes go to a temporary file in the
+same folder, then ``os.replace``: readers see a whole entry or none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any
+
+import numpy as np
+from absl import logging
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from crosslora_jax import kernels
+
+CACHE_ENV = "CROSSLORA_CACHE"  # root shared with crosslora_jax.zoo; subspaces live in <root>/subspaces
+FORMAT_VERSION = 2  # bump when a kernel's numbers change: older entries then miss
+_FIELDS = ("u", "s", "v", "energy")
+
+
+def default_cache_dir() -> pathlib.Path:
+  """``$CROSSLORA_CACHE/subspaces``, else ``~/.cache/crosslora_jax/subspaces`` (the zoo's root)."""
+  root = os.environ.get(CACHE_ENV)
+  base = pathlib.Path(root).expanduser() if root else pathlib.Path.home() / ".cache" / "crosslora_jax"
+  return base / "subspaces"
+
+
+def model_id(fingerprint: str) -> str:
+  """Folder name for one base model: sha256 of its fingerprint, shortened."""
+  return hashlib.sha256(fingerprint.encode()).hexdigest()[:24]
+
+
+@dataclasses.dataclass(frozen=True)
+class EntryKey:
+  """Everything a cached subspace depends on."""
+
+  model: str  # model_id(fingerprint)
+  module: str  # canonical module, e.g. "q_proj"
+  layer: int
+  shape: tuple[int, int]  # (out, in) of the base weight
+  rank: int
+  method: str  # kernels.SVD_METHODS
+  seed: int | None = None  # randomized only; None otherwise
+  n_oversamples: int | None = None
+  n_power_iter: int | None = None
+  version: int = FORMAT_VERSION
+
+  @classmethod
+  def make(cls, model: str, module: str, layer: int, shape: tuple[int, int], *, rank: int, method: str,
+           seed: int, n_oversamples: int, n_power_iter: int) -> "EntryKey":
+    """A key where options that do not affect ``method``'s result are left out (None)."""
+    randomized = method == "randomized"
+    return cls(model, module, int(layer), (int(shape[0]), int(shape[1])), int(rank), method,
+               int(seed) if randomized else None, int(n_oversamples) if randomized else None,
+               int(n_power_iter) if randomized else None)
+
+  def filename(self) -> str:
+    opts = f"s{self.seed}-p{self.n_oversamples}-q{self.n_power_iter}-" if self.method == "randomized" else ""
+    return f"{self.module}-L{self.layer:04d}-r{self.rank}-{self.method}-{opts}v{self.version}.safetensors"
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def _checksum(key_json: str, tensors: dict[str, np.ndarray]) -> str:
+  h = hashlib.sha256(key_json.encode())
+  for name in _FIELDS:
+    a = np.ascontiguousarray(tensors[name])
+    h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+    h.update(memoryview(a).cast("B"))
+  return h.hexdigest()
+
+
+def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.unlink(tmp)
+    raise
+
+
+class SubspaceCache:
+  """Subspaces on disk under ``root``; counts hits, misses and rejected entries."""
+
+  def __init__(self, root: str | os.PathLike[str] | None = None):
+    self.root = pathlib.Path(root).expanduser() if root is not None else default_cache_dir()
+    self.hits = 0
+    self.misses = 0
+    self.rejected = 0  # entries found but corrupt or not matching their key: recomputed
+    self.writes = 0
+    self._described: set[str] = set()
+
+  def path(self, key: EntryKey) -> pathlib.Path:
+    return self.root / key.model / key.filename()
+
+  def load(self, key: EntryKey) -> kernels.Subspace | None:
+    """The cached subspace (numpy float32), or None on a miss or a rejected entry."""
+    path = self.path(key)
+    try:
+      data = path.read_bytes()
+    except FileNotFoundError:
+      self.misses += 1
+      return None
+    except OSError as e:
+      return self._reject(path, f"unreadable ({e})")
+    try:
+      tensors = st_load(data)
+      meta = _metadata(data)
+    except Exception as e:  # safetensors raises its own types for bad headers/bytes
+      return self._reject(path, f"not a readable safetensors file ({type(e).__name__}: {e})")
+    key_json = key.to_json()
+    if meta.get("key") != key_json:
+      return self._reject(path, "key mismatch")
+    if set(tensors) != set(_FIELDS):
+      return self._reject(path, f"tensors {sorted(tensors)} instead of {list(_FIELDS)}")
+    if meta.get("sha256") != _checksum(key_json, tensors):
+      return self._reject(path, "checksum mismatch")
+    out_dim, in_dim = key.shape
+    want = {"u": (out_dim, key.rank), "s": (key.rank,), "v": (in_dim, key.rank), "energy": (1,)}
+    for name, shape in want.items():
+      a = tensors[name]
+      if a.shape != shape or a.dtype != np.float32 or not np.isfinite(a).all():
+        return self._reject(path, f"{name}: float32 {shape} expected, got {a.dtype} {a.shape}")
+    self.hits += 1
+    return kernels.Subspace(tensors["u"], tensors["s"], tensors["v"], tensors["energy"].reshape(()))
+
+  def store(self, key: EntryKey, sub: kernels.Subspace, *, describe: dict[str, Any] | None = None) -> None:
+    """Writes one entry atomically (replacing a rejected one). ``describe`` goes to model.json once."""
+    # energy is stored as (1,): safetensors has no 0-d tensors.
+    tensors = {name: np.ascontiguousarray(np.asarray(x, np.float32).reshape(-1 if name == "energy" else np.shape(x)))
+               for name, x in zip(_FIELDS, sub)}
+    key_json = key.to_json()
+    meta = {"key": key_json, "sha256": _checksum(key_json, tensors)}
+    folder = self.root / key.model
+    folder.mkdir(parents=True, exist_ok=True)
+    if describe is not None and key.model not in self._described:
+      self._described.add(key.model)
+      info = folder / "model.json"
+      if not info.exists():
+        _atomic_write_bytes(info, (json.dumps(describe, indent=2, sort_keys=True) + "\n").encode())
+    _atomic_write_bytes(self.path(key), st_save(tensors, metadata=meta))
+    self.writes += 1
+
+  def _reject(self, path: pathlib.Path, why: str) -> None:
+    self.rejected += 1
+    logging.warning("subspace cache: %s: %s; recomputing it", path, why)
+    return None
+
+  def stats(self) -> dict[str, Any]:
+    return {"root": str(self.root), "hits": self.hits, "misses": self.misses, "rejected": self.rejected,
+            "writes": self.writes}
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+  """The ``__metadata__`` of a safetensors byte string (header: u64 length + JSON)."""
+  n = int.from_bytes(data[:8], "little")
+  if n <= 0 or 8 + n > len(data):
+    raise ValueError("header length out of range")
+  header = json.loads(data[8:8 + n])
+  meta = header.get("__metadata__") or {}
+  if not isinstance(meta, dict):
+    raise ValueError("__metadata__ is not an object")
+  return meta
