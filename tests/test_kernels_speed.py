@@ -121,3 +121,70 @@ def test_overlap_of_truncated_rows_matches_qr_reference():
   ov = np.sum((q_s.T @ q_t) ** 2) / 5
   want = (ov - 5 / 30) / (1 - 5 / 30)
   assert float(kernels.subspace_overlap(jnp.asarray(u_s), jnp.asarray(u_t))) == pytest.approx(want, abs=1e-4)
+
+
+# --- many adapters ------------------------------------------------------------------
+
+
+def _tiny_models():
+  from crosslora_jax import DictWeights
+  from crosslora_jax.architectures import Architecture
+  config = dict(model_type="llama", num_hidden_layers=3, hidden_size=16, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=8, intermediate_size=24)
+  arch = Architecture.from_config(config)
+
+  def weights(seed):
+    rng = np.random.default_rng(seed)
+    return DictWeights(config, {arch.weight_key(l, s): _with_spectrum(rng, *arch.stored_shape(s),
+                                                                        1.0 + 0.5 * np.arange(min(arch.stored_shape(s)))[::-1])
+                                for l in range(arch.num_layers) for s in arch.spec.stored})
+  return weights(0), weights(1)
+
+
+def _adapter(arch, seed, r, layers=None, modules=("q_proj", "up_proj")):
+  from crosslora_jax import peft_format
+  rng = np.random.default_rng(seed)
+  config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": list(modules)}
+  if layers is not None:
+    config["layers_to_transform"] = list(layers)
+  pairs = {}
+  for layer in (range(arch.num_layers) if layers is None else layers):
+    for module in modules:
+      out_dim, in_dim = arch.shape(module)
+      pairs[arch.module_path(layer, arch.stored_for(module)[0])] = peft_format.LoraPair(
+          _rand(rng, r, in_dim), _rand(rng, out_dim, r))
+  return peft_format.PeftAdapter(config, pairs)
+
+
+@pytest.mark.parametrize("method", ["cross_lora", "truncate_pad"])
+def test_batch_of_adapters_equals_one_by_one(monkeypatch, method):
+  from crosslora_jax import TransferConfig, engine
+  source, target = _tiny_models()
+  adapters = [_adapter(source.arch, 1, 2), _adapter(source.arch, 2, 2), _adapter(source.arch, 3, 3),
+              _adapter(source.arch, 4, 2, layers=[0, 2])]
+  calls = []
+  real = kernels.project_cross_lora_adapters
+
+  def spy(sub_s, sub_t, a, b, **kw):
+    calls.append(a.shape[:2])  # (adapters, layers)
+    return real(sub_s, sub_t, a, b, **kw)
+
+  monkeypatch.setattr(kernels, "project_cross_lora_adapters", spy)
+  config = TransferConfig(rank=4, method=method, svd="randomized", chunk_layers=8)
+  together = engine.transfer(source, target, adapters, config)
+  if method == "cross_lora":
+    # Per module: the two rank-2 adapters on all layers in one call; rank 3 and the
+    # layer subset each on their own.
+    assert sorted(calls) == sorted([(2, 3), (1, 3), (1, 2)] * 2)
+  for adapter, batched in zip(adapters, together):
+    alone = engine.transfer(source, target, [adapter], config)[0]
+    assert alone.adapter.config == batched.adapter.config
+    assert alone.adapter.modules.keys() == batched.adapter.modules.keys()
+    for path, pair in alone.adapter.modules.items():
+      np.testing.assert_allclose(batched.adapter.modules[path].a_ri, pair.a_ri, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(batched.adapter.modules[path].b_or, pair.b_or, rtol=1e-5, atol=1e-6)
+    for e1, e2 in zip(alone.report.entries, batched.report.entries, strict=True):
+      assert e1.keys() == e2.keys()
+      for k, v in e1.items():
+        if k != "seconds":
+          assert e2[k] == (pytest.approx(v, rel=1e-5, abs=1e-6) if isinstance(v, float) else v), k
