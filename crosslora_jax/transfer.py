@@ -38,13 +38,15 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from crosslora_jax import anchored, engine, io, kernels, planning
+from crosslora_jax import anchored, cache, engine, io, kernels, planning
 from crosslora_jax.errors import CrossLoraError
 from crosslora_jax.progress import ProgressBar
 
 _SOURCE = flags.DEFINE_string("source_model", None, "HF folder of the base model the adapter was trained on.")
 _TARGET = flags.DEFINE_string("target_model", None, "HF folder of the base model to move the adapter to.")
 _ADAPTER = flags.DEFINE_multi_string("adapter", [], "PEFT adapter folder (repeat for several).")
+_ADAPTER_DIR = flags.DEFINE_string("adapter_dir", None, "A folder of adapters: every subfolder holding "
+                                   "adapter_config.json is transferred (with any --adapter).")
 _OUTPUT = flags.DEFINE_string("output", None, "Output folder (one subfolder per adapter when several).")
 _METHOD = flags.DEFINE_enum("method", "cross_lora", planning.METHODS, "Transfer method (see above).")
 _RANK = flags.DEFINE_integer("rank", 320, "Truncation rank r of the base-weight SVDs; clipped per weight "
@@ -52,7 +54,16 @@ _RANK = flags.DEFINE_integer("rank", 320, "Truncation rank r of the base-weight 
 _LAYER_MAP = flags.DEFINE_enum("layer_map", "auto", planning.LAYER_MAPS,
                                "identity: layer i -> i (paper); depth: by relative depth; "
                                "auto: identity when layer counts match, else depth.")
-_SVD = flags.DEFINE_enum("svd", "exact", kernels.SVD_METHODS, "Truncated SVD algorithm.")
+_SVD = flags.DEFINE_enum("svd", kernels.DEFAULT_SVD, kernels.SVD_METHODS,
+                         "Truncated SVD algorithm: exact (full SVD), gram (eigh of the smaller Gram matrix) or "
+                         "randomized (subspace iteration, seeded by --seed); accuracy and speed in BUILD_NOTES.md.")
+_CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Subspace cache folder: base-weight SVDs are saved here and "
+                                 "reused by later runs (default: $CROSSLORA_CACHE/subspaces or "
+                                 "~/.cache/crosslora_jax/subspaces).")
+_NO_CACHE = flags.DEFINE_bool("no_cache", False, "Neither read nor write the subspace cache.")
+_CHUNK_LAYERS = flags.DEFINE_integer("chunk_layers", 8, "Layers decomposed per batched call: bounds memory.")
+_BLAS_THREADS = flags.DEFINE_integer("blas_threads", 1, "LAPACK/BLAS threads during the transfer (XLA's own "
+                                     "threads are not affected); 0 leaves them as they are.")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed (randomized SVD).")
 _SOLVER = flags.DEFINE_enum("solver", "closed", ["closed", "lstsq"],
                             "Least-squares alignment: closed form U_s^T x, or jnp.linalg.lstsq.")
@@ -81,15 +92,18 @@ def config_from_flags() -> engine.TransferConfig:
   return engine.TransferConfig(
       method=_METHOD.value, rank=_RANK.value, layer_map=_LAYER_MAP.value, svd=_SVD.value, seed=_SEED.value,
       solver=_SOLVER.value, dtype=_DTYPE.value, skip_unsupported=_SKIP_UNSUPPORTED.value,
-      base_model_name=_BASE_NAME.value, calibrate_norm=_CALIBRATE.value,
+      base_model_name=_BASE_NAME.value, calibrate_norm=_CALIBRATE.value, chunk_layers=_CHUNK_LAYERS.value,
+      cache_dir=None if _NO_CACHE.value else str(_CACHE_DIR.value or cache.default_cache_dir()),
+      blas_threads=_BLAS_THREADS.value or None,
       anchor=anchored.AnchorConfig(tokens=_ANCHOR_TOKENS.value, threshold=_ANCHOR_THRESHOLD.value))
 
 
 def run() -> list[engine.TransferResult]:
   """Flags -> config -> engine.transfer -> atomic write. Raises CrossLoraError on bad input."""
   missing = [f"--{f.name}" for f in (_SOURCE, _TARGET, _OUTPUT) if not f.value]
-  if not _ADAPTER.value:
-    missing.append("--adapter")
+  adapters = list(_ADAPTER.value) + (adapters_in(_ADAPTER_DIR.value) if _ADAPTER_DIR.value else [])
+  if not adapters:
+    missing.append("--adapter (or --adapter_dir)")
   if missing:
     raise CrossLoraError(f"command line: {', '.join(missing)} expected, got none. See --help.")
   config = config_from_flags()
@@ -98,12 +112,12 @@ def run() -> list[engine.TransferResult]:
     io.check_output_path(_REPORT.value, overwrite=True, flag="--report")
   if _ORBAX_OUTPUT.value:
     io.check_output_path(_ORBAX_OUTPUT.value, overwrite=_OVERWRITE.value, flag="--orbax_output")
-  names = [pathlib.Path(a).name for a in _ADAPTER.value]
+  names = [pathlib.Path(a).name for a in adapters]
   if len(set(names)) != len(names):
-    raise CrossLoraError(f"--adapter: folders with distinct names expected (they name the output subfolders), "
+    raise CrossLoraError(f"--adapter/--adapter_dir: folders with distinct names expected (they name the output subfolders), "
                          f"got {names}. Rename or copy one of them.")
   progress = ProgressBar() if _PROGRESS.value else None
-  results = engine.transfer(_SOURCE.value, _TARGET.value, _ADAPTER.value, config, progress=progress)
+  results = engine.transfer(_SOURCE.value, _TARGET.value, adapters, config, progress=progress)
   target_arch = engine.open_base(_TARGET.value).arch
   with io.atomic_folder(output, overwrite=_OVERWRITE.value) as tmp:
     for name, result in zip(names, results):
@@ -128,6 +142,18 @@ def run() -> list[engine.TransferResult]:
   if _ORBAX_OUTPUT.value:
     print(f"wrote {_ORBAX_OUTPUT.value}")
   return results
+
+
+def adapters_in(folder: str) -> list[str]:
+  """Subfolders of ``folder`` holding adapter_config.json, sorted by name."""
+  root = pathlib.Path(folder)
+  if not root.is_dir():
+    raise CrossLoraError(f"--adapter_dir: {root}: a folder of adapter folders expected, got "
+                         f"{'a file' if root.exists() else 'nothing'}.")
+  found = sorted(str(p) for p in root.iterdir() if (p / "adapter_config.json").is_file())
+  if not found:
+    raise CrossLoraError(f"--adapter_dir: {root}: subfolders with adapter_config.json expected, got none.")
+  return found
 
 
 def main(argv: list[str]) -> int:
