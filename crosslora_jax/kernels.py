@@ -1,4 +1,8 @@
-"""The linear algebra, as jitted JAX kernels written for one matrix and batched with vmap.
+"""The linear algebra, as jitted JAX kernels written for one matrix and batched over layers.
+
+Kernels that call LAPACK (SVD, eigh, QR, Cholesky, triangular solves) are batched
+with :func:`map_layers`: ``jax.vmap`` on accelerators, ``lax.map`` on CPU (see
+there why); matmul-only kernels are always vmapped.
 
 Everything here takes arrays and static options and returns NamedTuples: no I/O,
 no dicts, no strings under jit. Maths runs in float32 (JAX's SVD refuses bf16);
@@ -199,7 +203,25 @@ def batched_truncated_svd(w_loi: jax.Array, keys: jax.Array, *, rank: int, metho
   """
   fn = functools.partial(truncated_svd, rank=rank, method=method, n_oversamples=n_oversamples,
                          n_power_iter=n_power_iter)
-  return jax.vmap(fn)(w_loi, keys)
+  return map_layers(fn, w_loi, keys)
+
+
+def map_layers(fn, *args):
+  """``jax.vmap(fn)(*args)`` on accelerators; on CPU, ``lax.map`` (one matrix per LAPACK call).
+
+  jaxlib 0.10's CPU LAPACK kernels fan a batch out over XLA's intra-op thread
+  pool and block that pool thread until the pieces finish. Two batched LAPACK
+  calls that XLA runs concurrently (e.g. the SVD of R and the triangular solve
+  with R in one Rayleigh–Ritz step) then hold every thread of a two-thread pool
+  waiting for work nobody runs: the process hangs with all threads in futex wait
+  (measured here: a vmapped randomized SVD of 8 stacked 576×576 weights never
+  returned on a 2-core machine; one matrix per call returned in 0.1 s). A batch
+  of one runs inline, so ``lax.map`` never waits on the pool; the matmuls inside
+  are still multi-threaded by XLA. The choice is made at trace time.
+  """
+  if jax.default_backend() == "cpu":
+    return lax.map(lambda xs: fn(*xs), args)
+  return jax.vmap(fn)(*args)
 
 
 def largest_principal_angle(u1: jax.Array, u2: jax.Array) -> jax.Array:
@@ -324,7 +346,10 @@ def subspace_overlap(u_s: jax.Array, u_t: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("solver",))
 def batched_project_cross_lora(sub_s: Subspace, sub_t: Subspace, a_lri: jax.Array, b_lor: jax.Array,
                                *, solver: str = "closed") -> Projected:
-  return jax.vmap(functools.partial(project_cross_lora, solver=solver))(sub_s, sub_t, a_lri, b_lor)
+  fn = functools.partial(project_cross_lora, solver=solver)
+  if solver == "lstsq":  # LAPACK inside
+    return map_layers(fn, sub_s, sub_t, a_lri, b_lor)
+  return jax.vmap(fn)(sub_s, sub_t, a_lri, b_lor)
 
 
 @functools.partial(jax.jit, static_argnames=("solver",))
@@ -337,8 +362,10 @@ def project_cross_lora_adapters(sub_s: Subspace, sub_t: Subspace, a_nlri: jax.Ar
   Per adapter this is small matmuls only: U_sᵀ B_s, A_s V_s and the products with
   U_t, V_tᵀ.
   """
-  per_layer = jax.vmap(functools.partial(project_cross_lora, solver=solver))
-  return jax.vmap(per_layer, in_axes=(None, None, 0, 0))(sub_s, sub_t, a_nlri, b_nlor)
+  fn = functools.partial(project_cross_lora, solver=solver)
+  if solver == "lstsq":  # LAPACK inside: one matrix per call on CPU (map_layers)
+    return map_layers(lambda a, b: map_layers(fn, sub_s, sub_t, a, b), a_nlri, b_nlor)
+  return jax.vmap(jax.vmap(fn), in_axes=(None, None, 0, 0))(sub_s, sub_t, a_nlri, b_nlor)
 
 
 @jax.jit
@@ -365,4 +392,4 @@ def batched_lowrank_fro(a_lri: jax.Array, b_lor: jax.Array) -> jax.Array:
 
 @jax.jit
 def batched_overlap(u_s: jax.Array, u_t: jax.Array) -> jax.Array:
-  return jax.vmap(subspace_overlap)(u_s, u_t)
+  return map_layers(subspace_overlap, u_s, u_t)

@@ -2,7 +2,7 @@
 
 Each layer's decomposition is independent, so the layer axis of a (L, out, in)
 bucket is sharded over a ``Mesh`` with one axis (``"layers"``) and every device
-runs the vmapped kernel on its own slice inside ``jax.shard_map``: no
+runs the batched kernel (kernels.map_layers) on its own slice inside ``jax.shard_map``: no
 communication, and each layer's result is the one it would get on one device.
 With one visible device everything goes through :func:`kernels.batched_truncated_svd`
 unchanged. On CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` gives
@@ -44,8 +44,9 @@ def round_up(n: int, mesh: Mesh | None) -> int:
 @functools.partial(jax.jit, static_argnames=("mesh", "rank", "method", "n_oversamples", "n_power_iter"))
 def _sharded_svd(w_loi: jax.Array, keys: jax.Array, *, mesh: Mesh, rank: int, method: str, n_oversamples: int,
                  n_power_iter: int) -> kernels.Subspace:
-  local = jax.vmap(functools.partial(kernels.truncated_svd, rank=rank, method=method,
-                                     n_oversamples=n_oversamples, n_power_iter=n_power_iter))
+  fn = functools.partial(kernels.truncated_svd, rank=rank, method=method, n_oversamples=n_oversamples,
+                         n_power_iter=n_power_iter)
+  local = functools.partial(kernels.map_layers, fn)
   spec = PartitionSpec(AXIS)
   return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec), out_specs=spec)(w_loi, keys)
 

@@ -161,3 +161,38 @@ def test_overlap_is_one_for_equal_and_near_zero_for_random():
   assert float(kernels.subspace_overlap(jnp.asarray(u), jnp.asarray(u))) == pytest.approx(1.0, abs=1e-5)
   u2, _ = np.linalg.qr(_rand(rng, 200, 5))
   assert abs(float(kernels.subspace_overlap(jnp.asarray(u), jnp.asarray(u2)))) < 0.1
+
+
+# jaxlib 0.10's CPU LAPACK kernels block an intra-op pool thread per batched call; two
+# concurrent batched calls (SVD of R beside the triangular solve with R) hung every thread of
+# a 2-core machine (BUILD_NOTES, "Solved: the hang in XLA's CPU runtime"). Run in a child with
+# a deadline so that a regression fails instead of hanging the suite.
+_HANG_PROBE = """
+import jax, numpy as np
+from crosslora_jax import kernels
+w = np.random.default_rng(0).standard_normal((8, 576, 576)).astype(np.float32)
+keys = jax.random.split(jax.random.key(0), 8)
+for method in ("randomized", "gram"):
+  sub = kernels.batched_truncated_svd(w, keys, rank=320, method=method)
+  assert np.asarray(sub.u).shape == (8, 576, 320), method
+ov = np.asarray(kernels.batched_overlap(np.asarray(sub.u), np.asarray(sub.v)))
+assert ov.shape == (8,) and np.isfinite(ov).all()
+print("ok")
+"""
+
+
+def test_batched_lapack_kernels_do_not_hang_on_cpu():
+  import subprocess
+  import sys
+
+  proc = subprocess.run([sys.executable, "-c", _HANG_PROBE], capture_output=True, text=True, timeout=240)
+  assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_map_layers_equals_vmap():
+  w = jax.random.normal(jax.random.key(1), (3, 40, 24))
+  fn = lambda x: kernels.truncated_svd(x, rank=8, method="gram")
+  mapped = kernels.map_layers(fn, w)
+  vmapped = jax.vmap(fn)(w)
+  for got, want in zip(mapped, vmapped):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
