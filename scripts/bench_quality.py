@@ -54,16 +54,20 @@ MODELS = {  # short name -> zoo name
 EXAMPLE_ADAPTER = REPO / "examples" / "smollm2-pydoc-lora"
 # The example adapter's recipe (scripts/train_example_adapter.py defaults): every trained
 # LoRA of this benchmark (sources for the other directions, upper bounds) uses it.
-RECIPE = dict(steps=120, lr=2e-3, batch_size=8, block_size=128, seed=0, r=8, alpha=16)
+RECIPE = dict(steps=16, lr=4e-3, batch_size=8, block_size=128, seed=0, r=8, alpha=16)
 PAIRS = ("smollm2:smollm2", "smollm2:qwen05", "smollm2:gemma", "qwen05:smollm2", "gemma:smollm2",
          "qwen05:gemma", "gemma:qwen05", "qwen05:qwen15")
 RANK_SWEEP = ("320", "full", "64", "160")  # run order: the default, the exact check, then lower ranks
 BASE_METHODS = ("cross_lora", "lora_x", "copy", "truncate_pad", "random")
 
 
+# Bench-only variants of engine methods: name -> (engine method, TransferConfig overrides).
+VARIANTS = {"anchored-noguard": ("anchored", {"threshold": 0.0})}  # every module kept, shrunk by its fit
+
+
 def all_methods() -> tuple[str, ...]:
-  """Engine methods, the random control, and "<method>+cal" (the engine's --calibrate_norm)."""
-  engine = tuple(m for m in planning.METHODS if m not in BASE_METHODS)  # e.g. anchored
+  """Engine methods, the random control, bench variants, and "<method>+cal" (--calibrate_norm)."""
+  engine = tuple(m for m in planning.METHODS if m not in BASE_METHODS) + tuple(VARIANTS)  # e.g. anchored
   return BASE_METHODS + engine + ("cross_lora+cal",) + tuple(m + "+cal" for m in engine)
 
 
@@ -243,7 +247,11 @@ def transfer(source: str, target: str, adapter_dir: pathlib.Path, method: str, r
   if key in _TRANSFERS:
     return _TRANSFERS[key]
   name, cal = method.removesuffix("+cal"), method.endswith("+cal")
-  cfg = crosslora_jax.TransferConfig(method=name, rank=rank, calibrate_norm=cal, svd=SVD[0])
+  anchor = crosslora_jax.anchored.AnchorConfig()
+  if name in VARIANTS:
+    name, overrides = VARIANTS[name]
+    anchor = dataclasses.replace(anchor, **overrides)
+  cfg = crosslora_jax.TransferConfig(method=name, rank=rank, calibrate_norm=cal, svd=SVD[0], anchor=anchor)
   t0 = time.perf_counter()
   res = crosslora_jax.transfer_adapter(str(zoo.fetch_model(MODELS[source])), str(zoo.fetch_model(MODELS[target])),
                                        str(adapter_dir), cfg)
@@ -307,7 +315,7 @@ def run_pairs(args, cache: Cache) -> None:
         if not applicable(method, source, target):
           continue
         method_ranks = ranks if method == "cross_lora" else [str(args.rank)]
-        if method.removesuffix("+cal") in ("copy", "truncate_pad", "anchored"):
+        if method.removesuffix("+cal") in ("copy", "truncate_pad", "anchored", *VARIANTS):
           method_ranks = ["-"]  # rank plays no part
         for rank_text in method_ranks:
           svd = "" if args.svd == "exact" else f"-{args.svd}"
