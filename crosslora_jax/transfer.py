@@ -60,7 +60,10 @@ _SVD = flags.DEFINE_enum("svd", kernels.DEFAULT_SVD, kernels.SVD_METHODS,
 _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Subspace cache folder: base-weight SVDs are saved here and "
                                  "reused by later runs (default: $CROSSLORA_CACHE/subspaces or "
                                  "~/.cache/crosslora_jax/subspaces).")
-_NO_CACHE = flags.DEFINE_bool("no_cache", False, "Neither read nor write the subspace cache.")
+_NO_CACHE = flags.DEFINE_bool("no_cache", False, "Neither read nor write the subspace cache (nor the XLA cache).")
+_XLA_CACHE_DIR = flags.DEFINE_string("xla_cache_dir", None, "JAX's persistent compilation cache: compiled kernels "
+                                     "are reused by later runs (default: $CROSSLORA_CACHE/xla or "
+                                     "~/.cache/crosslora_jax/xla; empty disables it).")
 _CHUNK_LAYERS = flags.DEFINE_integer("chunk_layers", 8, "Layers decomposed per batched call: bounds memory.")
 _BLAS_THREADS = flags.DEFINE_integer("blas_threads", 1, "LAPACK/BLAS threads during the transfer (XLA's own "
                                      "threads are not affected); 0 leaves them as they are.")
@@ -107,6 +110,8 @@ def run() -> list[engine.TransferResult]:
   if missing:
     raise CrossLoraError(f"command line: {', '.join(missing)} expected, got none. See --help.")
   config = config_from_flags()
+  if not _NO_CACHE.value and _XLA_CACHE_DIR.value != "":
+    cache.enable_compilation_cache(_XLA_CACHE_DIR.value or cache.default_xla_cache_dir())
   output = io.check_output_path(_OUTPUT.value, overwrite=_OVERWRITE.value)
   if _REPORT.value:
     io.check_output_path(_REPORT.value, overwrite=True, flag="--report")

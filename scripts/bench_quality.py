@@ -238,6 +238,7 @@ _TRANSFERS: dict[tuple, Any] = {}  # one transfer serves cross_lora, random and 
 
 
 SVD = ["exact"]  # --svd
+SUBSPACE_CACHE: list[pathlib.Path] = []  # <cache_dir>/subspaces: base subspaces shared by the transfers
 
 
 def transfer(source: str, target: str, adapter_dir: pathlib.Path, method: str, rank: int):
@@ -251,7 +252,8 @@ def transfer(source: str, target: str, adapter_dir: pathlib.Path, method: str, r
   if name in VARIANTS:
     name, overrides = VARIANTS[name]
     anchor = dataclasses.replace(anchor, **overrides)
-  cfg = crosslora_jax.TransferConfig(method=name, rank=rank, calibrate_norm=cal, svd=SVD[0], anchor=anchor)
+  cfg = crosslora_jax.TransferConfig(method=name, rank=rank, calibrate_norm=cal, svd=SVD[0], anchor=anchor,
+                                     cache_dir=str(SUBSPACE_CACHE[0]) if SUBSPACE_CACHE else None)
   t0 = time.perf_counter()
   res = crosslora_jax.transfer_adapter(str(zoo.fetch_model(MODELS[source])), str(zoo.fetch_model(MODELS[target])),
                                        str(adapter_dir), cfg)
@@ -567,6 +569,7 @@ def main(argv=None) -> int:
       return 2
   USE_EXAMPLE[0] = not args.no_example
   SVD[0] = args.svd
+  SUBSPACE_CACHE.append(pathlib.Path(args.cache_dir) / "subspaces")
   if args.train_steps:
     TRAIN_OVERRIDES["steps"] = args.train_steps
   if args.train_batch:
