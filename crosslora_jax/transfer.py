@@ -31,8 +31,11 @@ LoRA tree (crosslora_jax.orbax_io; see docs/flax.md), under the same guarantees.
 
 from __future__ import annotations
 
+import gc
+import os
 import pathlib
 import signal
+import threading
 import sys
 from typing import Any
 
@@ -193,8 +196,23 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def _terminate(signum: int, frame: Any) -> None:
-  del frame
+  if _in_finalizer(frame):
+    # An exception raised in a gc callback or __del__ is printed as "Exception ignored ...
+    # Traceback" and dropped, so the run would go on (seen: SIGTERM inside JAX's
+    # _xla_gc_callback). Deliver the signal again once out of it.
+    threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+    return
   raise SystemExit(128 + signum)
+
+
+def _in_finalizer(frame: Any) -> bool:
+  """Whether ``frame`` runs inside a garbage-collector callback or a ``__del__``."""
+  codes = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+  while frame is not None:
+    if frame.f_code in codes or frame.f_code.co_name in ("__del__", "_xla_gc_callback"):
+      return True
+    frame = frame.f_back
+  return False
 
 
 def entry_point() -> None:

@@ -251,3 +251,26 @@ def test_disk_full_through_the_library_keeps_the_old_output(tmp_path, monkeypatc
   io.save_adapter(adapter, out, overwrite=True)
   assert sorted(p.name for p in out.iterdir()) == [peft_format.CONFIG_FILE, peft_format.WEIGHTS_FILE]
   assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_sigterm_inside_a_gc_callback_is_deferred_not_swallowed():
+  """A SystemExit raised in a gc callback would be printed and dropped: the handler defers instead."""
+  import gc
+  import sys
+
+  import importlib
+
+  cli = importlib.import_module("crosslora_jax.transfer")  # the module (the package re-exports a function of that name)
+  seen = []
+
+  def callback(phase, info):
+    if phase == "start" and not seen:
+      seen.append(cli._in_finalizer(sys._getframe()))
+
+  gc.callbacks.append(callback)
+  try:
+    gc.collect()
+  finally:
+    gc.callbacks.remove(callback)
+  assert seen == [True]
+  assert not cli._in_finalizer(sys._getframe())
