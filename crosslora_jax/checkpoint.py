@@ -149,15 +149,19 @@ class Checkpoint(_WeightMixin):
     raise CrossLoraError(f"{self.path}: {SINGLE_FILE} or {INDEX_FILE} expected, got neither{hint}.")
 
   def _open(self, file: pathlib.Path) -> Any:
+    """A handle kept for the header (keys, shapes); tensors are read through :meth:`_safe_open`."""
     handle = self._handles.get(file)
     if handle is None:
-      try:
-        handle = safe_open(str(file), framework="np")
-      except Exception as e:  # safetensors raises its own error types for bad headers
-        raise CrossLoraError(f"{file}: a readable safetensors file expected, got {type(e).__name__}: {e}. "
-                             "The file is truncated or corrupt; re-download or re-convert it.") from None
-      self._handles[file] = handle
+      handle = self._handles[file] = self._safe_open(file)
     return handle
+
+  @staticmethod
+  def _safe_open(file: pathlib.Path) -> Any:
+    try:
+      return safe_open(str(file), framework="np")
+    except Exception as e:  # safetensors raises its own error types for bad headers
+      raise CrossLoraError(f"{file}: a readable safetensors file expected, got {type(e).__name__}: {e}. "
+                           "The file is truncated or corrupt; re-download or re-convert it.") from None
 
   def _where(self, key: str) -> str:
     return f"{self._key_to_file.get(key, self.path)}: {key}"
@@ -177,16 +181,15 @@ class Checkpoint(_WeightMixin):
     if file is None:
       raise CrossLoraError(f"{self.path}: tensor {key!r} expected, got no such key. "
                            f"Is this a {self.arch.spec.name} checkpoint with {self.arch.num_layers} layers?")
-    self._open(file)  # a clear error for an unreadable file
-    try:
-      # A handle of its own, closed right after: a cached handle keeps every page it has read
-      # mapped, and the process's RSS then grows by the whole checkpoint (measured: 5.6 GB of
-      # file-backed RSS after reading the 5.3 GB paper-scale target; 95 MB anonymous).
-      with safe_open(str(file), framework="np") as handle:
+    # A handle of its own, closed right after: a cached handle keeps every page it has read
+    # mapped, and the process's RSS then grows by the whole checkpoint (measured: 5.6 GB of
+    # file-backed RSS after reading the 5.3 GB paper-scale target; 95 MB anonymous).
+    with self._safe_open(file) as handle:
+      try:
         array = handle.get_tensor(key)
-    except Exception as e:
-      raise CrossLoraError(f"{file}: {key}: readable tensor data expected, got {type(e).__name__}: {e}. "
-                           "The file is truncated or corrupt; re-download it.") from None
+      except Exception as e:
+        raise CrossLoraError(f"{file}: {key}: readable tensor data expected, got {type(e).__name__}: {e}. "
+                             "The file is truncated or corrupt; re-download it.") from None
     check_finite(array, f"{file}: {key}")
     return array
 

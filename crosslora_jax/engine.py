@@ -316,8 +316,8 @@ def _transfer(source: str | os.PathLike[str] | BaseWeights, target: str | os.Pat
       if needs_source:  # once per (source layer, target layer) pair, shared by all adapters
         pairs = sorted({(w.source_layer, w.target_layer) for items in chunk_items for w in items})
         ps, pt = _take(sub_s, [s_row[i] for i, _ in pairs]), _take(sub_t, [t_row[j] for _, j in pairs])
-        # Awaited one at a time (06ebb1b: two in flight once stalled XLA's CPU runtime; see
-        # BUILD_NOTES, "Speed (issue 3)", for the OpenBLAS-threads finding behind blas_threads).
+        # Report only. The hang once blamed on these two being in flight together was jaxlib's
+        # batched CPU LAPACK deadlock, fixed in kernels.map_layers (BUILD_NOTES, "Solved: ...").
         ov_u = np.asarray(kernels.batched_overlap(ps.u, pt.u))
         ov_v = np.asarray(kernels.batched_overlap(ps.v, pt.v))
         overlap = dict(zip(pairs, ((ov_u + ov_v) / 2).tolist()))

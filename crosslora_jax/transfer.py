@@ -209,7 +209,7 @@ def _in_finalizer(frame: Any) -> bool:
   """Whether ``frame`` runs inside a garbage-collector callback or a ``__del__``."""
   codes = {getattr(cb, "__code__", None) for cb in gc.callbacks}
   while frame is not None:
-    if frame.f_code in codes or frame.f_code.co_name in ("__del__", "_xla_gc_callback"):
+    if frame.f_code in codes or frame.f_code.co_name == "__del__":
       return True
     frame = frame.f_back
   return False
