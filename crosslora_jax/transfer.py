@@ -26,7 +26,7 @@ failure leaves nothing half-written. Bad input exits with status 2 and one line 
 the file, the key and the fix.
 
 --orbax_output also writes each transferred adapter as an Orbax checkpoint of a flax.nnx
-LoRA tree (crosslora_jax.orbax_io; see docs/flax.md), under the same guarantees.
+LoRA tree (crosslora_jax.formats.orbax_io; see docs/flax.md), under the same guarantees.
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from crosslora_jax import anchored, cache, engine, io, kernels, planning
+from crosslora_jax.methods import anchored
+from crosslora_jax.core import cache, engine, kernels, planning
+from crosslora_jax.formats import adapter_io
 from crosslora_jax.errors import CrossLoraError
 from crosslora_jax.progress import ProgressBar
 
@@ -115,11 +117,11 @@ def run() -> list[engine.TransferResult]:
   config = config_from_flags()
   if not _NO_CACHE.value and _XLA_CACHE_DIR.value != "":
     cache.enable_compilation_cache(_XLA_CACHE_DIR.value or cache.default_xla_cache_dir())
-  output = io.check_output_path(_OUTPUT.value, overwrite=_OVERWRITE.value)
+  output = adapter_io.check_output_path(_OUTPUT.value, overwrite=_OVERWRITE.value)
   if _REPORT.value:
-    io.check_output_path(_REPORT.value, overwrite=True, flag="--report")
+    adapter_io.check_output_path(_REPORT.value, overwrite=True, flag="--report")
   if _ORBAX_OUTPUT.value:
-    io.check_output_path(_ORBAX_OUTPUT.value, overwrite=_OVERWRITE.value, flag="--orbax_output")
+    adapter_io.check_output_path(_ORBAX_OUTPUT.value, overwrite=_OVERWRITE.value, flag="--orbax_output")
   names = [pathlib.Path(a).name for a in adapters]
   if len(set(names)) != len(names):
     raise CrossLoraError(f"--adapter/--adapter_dir: folders with distinct names expected (they name the output subfolders), "
@@ -127,23 +129,24 @@ def run() -> list[engine.TransferResult]:
   progress = ProgressBar() if _PROGRESS.value else None
   results = engine.transfer(_SOURCE.value, _TARGET.value, adapters, config, progress=progress)
   target_arch = engine.open_base(_TARGET.value).arch
-  with io.atomic_folder(output, overwrite=_OVERWRITE.value) as tmp:
+  with adapter_io.atomic_folder(output, overwrite=_OVERWRITE.value) as tmp:
     for name, result in zip(names, results):
       folder = tmp / name if len(results) > 1 else tmp
       folder.mkdir(exist_ok=True)
       dtype = config.dtype or result.report.output_dtype
-      from crosslora_jax import peft_format
+      from crosslora_jax.formats import peft_format
       peft_format.write_adapter_files(result.adapter, folder, peft_format.DTYPES[dtype])
-      io.verify_adapter_folder(folder, result.adapter, dtype, target_arch,
+      adapter_io.verify_adapter_folder(folder, result.adapter, dtype, target_arch,
                                shown_as=output / name if len(results) > 1 else output)
     if _ORBAX_OUTPUT.value:  # inside the PEFT write, so a failure here leaves no --output either
-      from crosslora_jax import orbax_io, pytree_api
+      from crosslora_jax.formats import orbax_io
+      from crosslora_jax.core import pytree_api
       orbax_io.save_adapters_as_nnx(_ORBAX_OUTPUT.value, {n: pytree_api.output_adapter(r, config)
                                                           for n, r in zip(names, results)}, overwrite=_OVERWRITE.value)
   if _REPORT.value:
     report_json = (results[0].report.to_json() if len(results) == 1 else
                    "[\n" + ",\n".join(r.report.to_json() for r in results) + "\n]")
-    io.write_text_atomic(_REPORT.value, report_json + "\n")
+    adapter_io.write_text_atomic(_REPORT.value, report_json + "\n")
   for result in results:
     print(result.report.text())
   print(f"wrote {output}")

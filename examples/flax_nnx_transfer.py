@@ -30,7 +30,8 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 import crosslora_jax
-from crosslora_jax import flax_bridge, orbax_io, pytree_api
+from crosslora_jax.formats import flax_bridge, orbax_io
+from crosslora_jax.core import pytree_api
 
 # Where each HF module lives in our nnx model: model.layers.3.self_attn.q_proj -> layers/3/attn/q_proj.
 KEY_MAP = flax_bridge.key_template(

@@ -5,7 +5,7 @@
   python scripts/bench_quality.py --report_only         # rebuild results/ from the cache
 
 For each (source -> target) pair and method, the target's mean token NLL on the
-held-out pydoc text (crosslora_jax.textdata) with the transferred adapter, against
+held-out pydoc text (crosslora_bench.textdata) with the transferred adapter, against
 the target's base NLL and against a LoRA trained directly on the target with the
 same recipe as the source adapter (the upper bound):
 
@@ -43,7 +43,8 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from crosslora_jax import planning, textdata, zoo  # noqa: E402
+from crosslora_jax.core import planning
+from crosslora_bench import textdata, zoo  # noqa: E402
 
 MODELS = {  # short name -> zoo name
     "smollm2": "smollm2-135m",
@@ -248,7 +249,7 @@ def transfer(source: str, target: str, adapter_dir: pathlib.Path, method: str, r
   if key in _TRANSFERS:
     return _TRANSFERS[key]
   name, cal = method.removesuffix("+cal"), method.endswith("+cal")
-  anchor = crosslora_jax.anchored.AnchorConfig()
+  anchor = crosslora_jax.methods.anchored.AnchorConfig()
   if name in VARIANTS:
     name, overrides = VARIANTS[name]
     anchor = dataclasses.replace(anchor, **overrides)
@@ -332,7 +333,7 @@ def run_pairs(args, cache: Cache) -> None:
 
 
 def _read(path: pathlib.Path):
-  from crosslora_jax import peft_format
+  from crosslora_jax.formats import peft_format
 
   return peft_format.read_adapter(path)
 
@@ -469,7 +470,7 @@ def write_results(data: dict[str, Any], args, out: pathlib.Path) -> None:
              for r in meta["runs"]],
            f"- tables rebuilt by `{meta['command']}`", "",
            "Held-out NLL: mean next-token NLL (nats) of the target on the held-out pydoc blocks of 128 "
-           "tokens (count in the *blocks* column; each model's own tokenizer, `crosslora_jax.textdata.heldout_blocks`). Δ = NLL − base NLL, "
+           "tokens (count in the *blocks* column; each model's own tokenizer, `crosslora_bench.textdata.heldout_blocks`). Δ = NLL − base NLL, "
            "± the paired standard error over blocks. Recovery = (base − method) / (base − trained), "
            "where *trained* is a LoRA trained on the target "
            + (f"(SmolLM2: the shipped example adapter, {RECIPE}; other models: see the Targets table)"

@@ -8,7 +8,7 @@ Paper scale is Qwen2.5-1.5B -> Llama-3.2-3B shapes: 28 layers each, hidden 1536 
 k/v 256 -> 1024, FFN 8960 -> 8192, all seven modules, a rank-16 LoRA (alpha 32), r = 320.
 The weights are synthetic, written as sharded bf16 safetensors under --workdir (kept and
 reused across runs; 8.3 GB), with singular values that decay like the real models'
-(measured here on whatever real models crosslora_jax.zoo has fetched; a built-in profile
+(measured here on whatever real models crosslora_bench.zoo has fetched; a built-in profile
 otherwise) and random singular vectors (sign flips, orthonormal DCTs and permutations:
 exact spectra without an O(n^3) QR per matrix).
 
@@ -73,7 +73,7 @@ TARGETS = {"default_minutes": 10.0, "speedup": 10.0, "extra_adapter_s": 2.0, "pe
 
 
 def real_models() -> dict[str, pathlib.Path]:
-  from crosslora_jax import zoo
+  from crosslora_bench import zoo
   found = {}
   for short, name in REAL.items():
     path = zoo.model_path(name)
@@ -158,7 +158,7 @@ def write_synthetic_model(folder: pathlib.Path, config: dict[str, Any], profiles
   """A sharded bf16 HF checkpoint of the 7 linear weights per layer (what the transfer reads)."""
   import ml_dtypes
   from safetensors.numpy import save_file
-  from crosslora_jax.architectures import Architecture
+  from crosslora_jax.formats.architectures import Architecture
   arch = Architecture.from_config(config)
   rng = np.random.default_rng(seed)
   tmp = folder.with_name(folder.name + ".partial")
@@ -194,8 +194,8 @@ def write_synthetic_model(folder: pathlib.Path, config: dict[str, Any], profiles
 def write_adapter(folder: pathlib.Path, config: dict[str, Any], *, seed: int, r: int = 16, alpha: int = 32,
                   layers: list[int] | None = None) -> None:
   """A PEFT LoRA (float32, all 7 modules) with random non-zero factors, like a trained one."""
-  from crosslora_jax import peft_format
-  from crosslora_jax.architectures import Architecture
+  from crosslora_jax.formats import peft_format
+  from crosslora_jax.formats.architectures import Architecture
   arch = Architecture.from_config(config)
   rng = np.random.default_rng(seed)
   pairs = {}
@@ -271,7 +271,8 @@ def reference_main(args: argparse.Namespace) -> None:
   """
   import ml_dtypes  # noqa: F401
   import torch
-  from crosslora_jax import Checkpoint, peft_format
+  from crosslora_jax import Checkpoint
+  from crosslora_jax.formats import peft_format
   torch.set_num_threads(args.threads)
   dev = torch.device(args.ref_device)
   src, tgt = Checkpoint(args.source), Checkpoint(args.target)
@@ -314,7 +315,7 @@ def subspace_errors(cache_a: pathlib.Path, cache_b: pathlib.Path) -> dict[str, f
   """Largest principal angle (degrees) between matching cache entries of two runs (b vs a, per module)."""
   import jax.numpy as jnp
   from safetensors.numpy import load_file
-  from crosslora_jax import kernels
+  from crosslora_jax.core import kernels
   worst: dict[str, float] = {}
   for model_dir in sorted(p for p in cache_a.iterdir() if p.is_dir()):
     for entry in sorted(model_dir.glob("*.safetensors")):
@@ -332,7 +333,8 @@ def subspace_errors(cache_a: pathlib.Path, cache_b: pathlib.Path) -> dict[str, f
 def dw_differences(ref_folder: pathlib.Path, other_folder: pathlib.Path) -> dict[str, float]:
   """Max over layers of ‖ΔW_other − ΔW_ref‖_F / ‖ΔW_ref‖_F per module, on the ref's modules."""
   import jax.numpy as jnp
-  from crosslora_jax import kernels, peft_format
+  from crosslora_jax.core import kernels
+  from crosslora_jax.formats import peft_format
   ref, other = peft_format.read_adapter(ref_folder), peft_format.read_adapter(other_folder)
   worst: dict[str, float] = {}
   for path, pair in ref.modules.items():
@@ -357,7 +359,8 @@ def accuracy_study(args: argparse.Namespace) -> dict[str, Any]:
   """
   import jax
   import jax.numpy as jnp
-  from crosslora_jax import Checkpoint, kernels
+  from crosslora_jax import Checkpoint
+  from crosslora_jax.core import kernels
   models = real_models()
   pairs = [p.split(":") for p in args.pairs.split(",")]
   pairs = [(s, t) for s, t in pairs if s in models and t in models]
@@ -453,8 +456,9 @@ def kernel_times_main(args: argparse.Namespace) -> None:
   Used to extrapolate the subset runs of the slower methods to 28 layers.
   """
   import jax
-  from crosslora_jax import Checkpoint, kernels
-  from crosslora_jax.engine import blas_threads, layer_keys
+  from crosslora_jax import Checkpoint
+  from crosslora_jax.core import kernels
+  from crosslora_jax.core.engine import blas_threads, layer_keys
   src, tgt = Checkpoint(args.source), Checkpoint(args.target)
   out: dict[str, Any] = {}
   with blas_threads(1):
@@ -693,13 +697,13 @@ def main() -> None:
     kernel_times_main(args)
     return
   if args.default is None:
-    from crosslora_jax import kernels
+    from crosslora_jax.core import kernels
     args.default = kernels.DEFAULT_SVD
   if args.study == "spectra":
     print(json.dumps(measure_spectra(real_models()), indent=1))
     return
   if args.study == "accuracy":
-    from crosslora_jax.engine import blas_threads
+    from crosslora_jax.core.engine import blas_threads
     with blas_threads(1):
       result = accuracy_study(args)
     result["command"] = command

@@ -2,7 +2,7 @@
 
   python scripts/demo.py            # or: make demo (installs first)
 
-1. fetches the three small real models (crosslora_jax.zoo; cached after the first time),
+1. fetches the three small real models (crosslora_bench.zoo; cached after the first time),
 2. runs the transfer CLI on examples/smollm2-pydoc-lora with its default method,
 3. prints the report, then the held-out NLL (pydoc text never trained on) of the
    target without and with the transferred adapter, loaded with
@@ -24,7 +24,7 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from crosslora_jax import textdata, zoo  # noqa: E402
+from crosslora_bench import textdata, zoo  # noqa: E402
 
 SOURCE, TARGET = "smollm2-135m", "qwen2.5-coder-0.5b"
 ADAPTER = REPO / "examples" / "smollm2-pydoc-lora"
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
   if args.threads:
     torch.set_num_threads(args.threads)
-  print("== 1. real models (crosslora_jax.zoo)", flush=True)
+  print("== 1. real models (crosslora_bench.zoo)", flush=True)
   try:
     dirs = {name: zoo.fetch_model(name) for name in zoo.DEFAULT_MODELS}
   except zoo.ZooError as e:

@@ -25,7 +25,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from crosslora_jax import TransferConfig, anchored, read_adapter, textdata, transfer_adapter, zoo  # noqa: E402
+from crosslora_jax import TransferConfig, read_adapter, transfer_adapter
+from crosslora_jax.methods import anchored
+from crosslora_bench import textdata, zoo  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, TransferConfig]:

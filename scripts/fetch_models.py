@@ -1,4 +1,4 @@
-"""Fetches and converts the real base models (crosslora_jax.zoo); prints one folder per line.
+"""Fetches and converts the real base models (crosslora_bench.zoo); prints one folder per line.
 
   python scripts/fetch_models.py                        # smollm2-135m, qwen2.5-coder-0.5b, gemma3-270m
   python scripts/fetch_models.py --models gemma3-270m
@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from crosslora_jax import zoo  # pylint: disable=wrong-import-position
+from crosslora_bench import zoo  # pylint: disable=wrong-import-position
 
 
 def main(argv: list[str] | None = None) -> int:

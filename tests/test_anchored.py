@@ -10,8 +10,9 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 import fixtures
-from crosslora_jax import CrossLoraError, TransferConfig, anchored, read_adapter, save_adapter, transfer_adapter
-from crosslora_jax.checkpoint import Checkpoint
+from crosslora_jax import CrossLoraError, TransferConfig, read_adapter, save_adapter, transfer_adapter
+from crosslora_jax.methods import anchored
+from crosslora_jax.formats.checkpoint import Checkpoint
 from peft_helpers import base_logits, load_with_adapter, logits
 
 VOCAB = 512

@@ -31,7 +31,7 @@ from safetensors.numpy import load_file, save_file
 
 import fixtures
 from conftest import ROOT
-from crosslora_jax import peft_format
+from crosslora_jax.formats import peft_format
 
 # The package re-exports the function engine.transfer under the same name as this module.
 cli = importlib.import_module("crosslora_jax.transfer")

@@ -9,8 +9,10 @@ import pathlib
 import numpy as np
 import pytest
 
-from crosslora_jax import DictWeights, TransferConfig, cache, engine, kernels, peft_format, sharding
-from crosslora_jax.architectures import Architecture
+from crosslora_jax import DictWeights, TransferConfig
+from crosslora_jax.core import cache, engine, kernels, sharding
+from crosslora_jax.formats import peft_format
+from crosslora_jax.formats.architectures import Architecture
 
 CONFIG = dict(model_type="llama", num_hidden_layers=2, hidden_size=16, num_attention_heads=2,
               num_key_value_heads=1, head_dim=8, intermediate_size=24)

@@ -21,7 +21,9 @@ from absl import flags
 
 import fixtures
 from conftest import ROOT
-from crosslora_jax import Checkpoint, TransferConfig, engine, peft_format
+from crosslora_jax import Checkpoint, TransferConfig
+from crosslora_jax.core import engine
+from crosslora_jax.formats import peft_format
 
 OUTPUT_FILES = (peft_format.WEIGHTS_FILE, peft_format.CONFIG_FILE)
 

@@ -27,7 +27,7 @@ import pytest
 
 import fixtures
 from conftest import ROOT
-from crosslora_jax import io, peft_format
+from crosslora_jax.formats import adapter_io, peft_format
 from crosslora_jax.errors import CrossLoraError
 
 SEED = int(os.environ.get("CROSSLORA_FAULT_SEED", "20240805"))  # set it to replay other random points
@@ -60,9 +60,9 @@ def hook(event, args):
   if count == at:
     os.kill(os.getpid(), signal.SIGKILL)
 
-if os.environ.get("KILL_NO_EXCHANGE"):  # exercise the two-rename fallback of io.replace_folder
-  import crosslora_jax.io
-  crosslora_jax.io.exchange = lambda a, b: False
+if os.environ.get("KILL_NO_EXCHANGE"):  # exercise the two-rename fallback of adapter_io.replace_folder
+  import crosslora_jax.formats.adapter_io
+  crosslora_jax.formats.adapter_io.exchange = lambda a, b: False
 sys.addaudithook(hook)
 sys.argv = ["crosslora_jax.transfer", *sys.argv[1:]]
 runpy.run_module("crosslora_jax.transfer", run_name="__main__", alter_sys=True)
@@ -132,8 +132,8 @@ def _check_after_kill(outdir, old, new, *, allow_missing=False) -> str:
 def _next_write_cleans_up(outdir, old, new):
   """What the next write does first: put back a stranded old output, remove the leftovers."""
   out = outdir / "out"
-  io.check_output_path(out, overwrite=True)
-  io.remove_leftovers(out)
+  adapter_io.check_output_path(out, overwrite=True)
+  adapter_io.remove_leftovers(out)
   assert files(out) in (old, new)
   left = sorted(p.name for p in outdir.iterdir() if p.name != "out")
   assert left == [], f"leftovers of the killed run survived the next write: {left}"
@@ -244,11 +244,11 @@ def test_disk_full_through_the_library_keeps_the_old_output(tmp_path, monkeypatc
 
   monkeypatch.setattr(pathlib.Path, "write_text", full)
   with pytest.raises(CrossLoraError, match=r"out: a complete write expected, got ENOSPC"):
-    io.save_adapter(adapter, out, overwrite=True)
+    adapter_io.save_adapter(adapter, out, overwrite=True)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
   assert sorted(p.name for p in out.iterdir()) == ["OLD_MARKER"]
   monkeypatch.undo()
-  io.save_adapter(adapter, out, overwrite=True)
+  adapter_io.save_adapter(adapter, out, overwrite=True)
   assert sorted(p.name for p in out.iterdir()) == [peft_format.CONFIG_FILE, peft_format.WEIGHTS_FILE]
   assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 

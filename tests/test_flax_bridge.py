@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import fixtures
-from crosslora_jax import flax_bridge as fb
-from crosslora_jax import peft_format
+from crosslora_jax.formats import flax_bridge as fb
+from crosslora_jax.formats import peft_format
 from crosslora_jax.errors import CrossLoraError
 
 jax = pytest.importorskip("jax")

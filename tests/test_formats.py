@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import fixtures
-from crosslora_jax import Checkpoint, CrossLoraError, peft_format, planning
-from crosslora_jax.architectures import Architecture
+from crosslora_jax import Checkpoint, CrossLoraError
+from crosslora_jax.formats import peft_format
+from crosslora_jax.core import planning
+from crosslora_jax.formats.architectures import Architecture
 
 
 def test_sharded_equals_single(tmp_path):

@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from crosslora_jax import kernels
+from crosslora_jax.core import kernels
 
 
 def _rand(rng, *shape):
@@ -169,7 +169,7 @@ def test_overlap_is_one_for_equal_and_near_zero_for_random():
 # a deadline so that a regression fails instead of hanging the suite.
 _HANG_PROBE = """
 import jax, numpy as np
-from crosslora_jax import kernels
+from crosslora_jax.core import kernels
 w = np.random.default_rng(0).standard_normal((8, 576, 576)).astype(np.float32)
 keys = jax.random.split(jax.random.key(0), 8)
 for method in ("randomized", "gram"):

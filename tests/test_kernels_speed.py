@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from crosslora_jax import kernels
+from crosslora_jax.core import kernels
 
 
 def _rand(rng, *shape):
@@ -128,7 +128,7 @@ def test_overlap_of_truncated_rows_matches_qr_reference():
 
 def _tiny_models():
   from crosslora_jax import DictWeights
-  from crosslora_jax.architectures import Architecture
+  from crosslora_jax.formats.architectures import Architecture
   config = dict(model_type="llama", num_hidden_layers=3, hidden_size=16, num_attention_heads=2,
                 num_key_value_heads=1, head_dim=8, intermediate_size=24)
   arch = Architecture.from_config(config)
@@ -142,7 +142,7 @@ def _tiny_models():
 
 
 def _adapter(arch, seed, r, layers=None, modules=("q_proj", "up_proj")):
-  from crosslora_jax import peft_format
+  from crosslora_jax.formats import peft_format
   rng = np.random.default_rng(seed)
   config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": list(modules)}
   if layers is not None:
@@ -158,7 +158,8 @@ def _adapter(arch, seed, r, layers=None, modules=("q_proj", "up_proj")):
 
 @pytest.mark.parametrize("method", ["cross_lora", "truncate_pad"])
 def test_batch_of_adapters_equals_one_by_one(monkeypatch, method):
-  from crosslora_jax import TransferConfig, engine
+  from crosslora_jax import TransferConfig
+  from crosslora_jax.core import engine
   source, target = _tiny_models()
   adapters = [_adapter(source.arch, 1, 2), _adapter(source.arch, 2, 2), _adapter(source.arch, 3, 3),
               _adapter(source.arch, 4, 2, layers=[0, 2])]

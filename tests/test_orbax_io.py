@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from crosslora_jax import flax_bridge as fb
-from crosslora_jax import orbax_io, peft_format
+from crosslora_jax.formats import flax_bridge as fb
+from crosslora_jax.formats import orbax_io, peft_format
 from crosslora_jax.errors import CrossLoraError
 
 jax = pytest.importorskip("jax")

@@ -21,8 +21,10 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crosslora_jax import DictWeights, TransferConfig, engine, io, peft_format
-from crosslora_jax.architectures import CANONICAL_MODULES, Architecture
+from crosslora_jax import DictWeights, TransferConfig
+from crosslora_jax.core import engine
+from crosslora_jax.formats import adapter_io, peft_format
+from crosslora_jax.formats.architectures import CANONICAL_MODULES, Architecture
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 SETTINGS = settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -112,7 +114,7 @@ def check_fits_target(result, adapter, source, target, rank):
       assert entry["rank_used"] == min(rank, *source.arch.shape(entry["module"]), out_t, in_t)
   with tempfile.TemporaryDirectory() as tmp:  # the strict writer re-reads and checks everything
     dtype = str(np.dtype(adapter.dtype))
-    io.save_adapter(out, pathlib.Path(tmp) / "out", dtype=dtype, target=target.arch)
+    adapter_io.save_adapter(out, pathlib.Path(tmp) / "out", dtype=dtype, target=target.arch)
     back = peft_format.read_adapter(pathlib.Path(tmp) / "out")
     assert sorted(back.modules) == sorted(out.modules)
     assert all(back.rank(p) == out.rank(p) and np.isclose(back.scaling(p), out.scaling(p)) for p in out.modules)

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 import fixtures
-from crosslora_jax import engine, flax_bridge as fb, orbax_io, peft_format, pytree_api
-from crosslora_jax.checkpoint import Checkpoint
+from crosslora_jax.core import engine, pytree_api
+from crosslora_jax.formats import flax_bridge as fb, orbax_io, peft_format
+from crosslora_jax.formats.checkpoint import Checkpoint
 from crosslora_jax.errors import CrossLoraError
 
 jax = pytest.importorskip("jax")

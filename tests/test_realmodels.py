@@ -1,4 +1,4 @@
-"""Real pretrained models (crosslora_jax.zoo): transfers load in PEFT, act, and report sane numbers.
+"""Real pretrained models (crosslora_bench.zoo): transfers load in PEFT, act, and report sane numbers.
 
 The models are fetched (downloaded and converted once, then cached) by the
 session fixture. Pairs: the shipped example adapter SmolLM2 -> Qwen2.5-Coder-0.5B
@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from crosslora_jax import CrossLoraError, TransferConfig, planning, read_adapter, save_adapter, transfer_adapter
-from crosslora_jax.checkpoint import Checkpoint
+from crosslora_jax import CrossLoraError, TransferConfig, read_adapter, save_adapter, transfer_adapter
+from crosslora_jax.core import planning
+from crosslora_jax.formats.checkpoint import Checkpoint
 from peft_helpers import base_logits, load_with_adapter, logits
 
 pytestmark = pytest.mark.realmodels
@@ -35,7 +36,7 @@ PAIR_IDS = ("smollm2_to_qwen", "smollm2_to_gemma", "qwen_to_smollm2")
 
 @pytest.fixture(scope="session")
 def zoo_dirs() -> dict[str, pathlib.Path]:
-  from crosslora_jax import zoo
+  from crosslora_bench import zoo
 
   return {name: zoo.fetch_model(name) for name in MODELS}
 
@@ -50,7 +51,7 @@ def qwen_adapter(zoo_dirs, tmp_path_factory) -> pathlib.Path:
   from peft import LoraConfig
 
   from crosslora_jax import PeftAdapter
-  from crosslora_jax.peft_format import LoraPair
+  from crosslora_jax.formats.peft_format import LoraPair
 
   arch = Checkpoint(zoo_dirs["qwen2.5-coder-0.5b"]).arch
   modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

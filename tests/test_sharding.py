@@ -16,14 +16,16 @@ import textwrap
 import jax
 import numpy as np
 
-from crosslora_jax import sharding
+from crosslora_jax.core import sharding
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np, pytest
-    from crosslora_jax import DictWeights, TransferConfig, engine, kernels, peft_format, sharding
-    from crosslora_jax.architectures import Architecture
+    from crosslora_jax import DictWeights, TransferConfig
+    from crosslora_jax.core import engine, kernels, sharding
+    from crosslora_jax.formats import peft_format
+    from crosslora_jax.formats.architectures import Architecture
 
     assert jax.device_count() == 4, jax.devices()
     mesh = sharding.layer_mesh()
@@ -102,7 +104,7 @@ def test_one_device_means_no_mesh():
 
 
 def test_buckets_are_even_and_padded_to_the_mesh():
-  from crosslora_jax import engine
+  from crosslora_jax.core import engine
   assert [len(c) for c in engine._even_chunks(list(range(28)), 8)] == [7, 7, 7, 7]
   assert [len(c) for c in engine._even_chunks(list(range(5)), 3)] == [3, 2]
   assert engine._even_chunks([], 8) == []

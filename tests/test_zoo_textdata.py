@@ -1,4 +1,4 @@
-"""Fast tests for crosslora_jax.zoo and crosslora_jax.textdata (no downloads, no real models)."""
+"""Fast tests for crosslora_bench.zoo and crosslora_bench.textdata (no downloads, no real models)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from crosslora_jax import textdata, zoo
+from crosslora_bench import textdata, zoo
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from crosslora_jax.architectures import FFN, INPUT_NORM, RESIDUAL, SPACES
+from crosslora_jax.formats.architectures import FFN, INPUT_NORM, RESIDUAL, SPACES
 from crosslora_jax.errors import CrossLoraError
 
 HIGHEST = lax.Precision.HIGHEST
@@ -497,7 +497,7 @@ def project_bucket(anchors: Anchors, module: str, items: Sequence[Any]):
 
   Returns (kernels.Projected with stacked factors, one report dict per item).
   """
-  from crosslora_jax import kernels
+  from crosslora_jax.core import kernels
   a_out, b_out, ratios, infos = [], [], [], []
   for w in items:
     a_t, b_t, info = anchors.transfer(module, w.source_layer, w.target_layer, w.factors.a_ri, w.factors.b_or)
@@ -515,7 +515,7 @@ def calibrate_bucket(source, target, module: str, items: Sequence[Any], proj, *,
   the target's ratio equals the source's (a zero update stays zero). Returns
   (Projected, one report dict per item).
   """
-  from crosslora_jax import kernels
+  from crosslora_jax.core import kernels
   a_all, b_all = np.asarray(proj.a_ri), np.array(proj.b_or, np.float32)
   infos = []
   ratios = np.array(proj.norm_ratio, np.float32)

@@ -2,7 +2,7 @@
 
 :func:`transfer` is the library entry point the CLI calls. Base subspaces are
 computed once per (model, module, layer) and shared by every adapter of the run,
-and with ``cache_dir`` by every later run (:mod:`crosslora_jax.cache`).
+and with ``cache_dir`` by every later run (:mod:`crosslora_jax.core.cache`).
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from crosslora_jax import anchored, kernels, peft_format, planning, sharding
-from crosslora_jax.cache import EntryKey, SubspaceCache, model_id
-from crosslora_jax.checkpoint import BaseWeights, open_base
+from crosslora_jax.methods import anchored
+from crosslora_jax.core import kernels, planning, sharding
+from crosslora_jax.formats import peft_format
+from crosslora_jax.core.cache import EntryKey, SubspaceCache, model_id
+from crosslora_jax.formats.checkpoint import BaseWeights, open_base
 from crosslora_jax.errors import CrossLoraError
-from crosslora_jax.report import Report
+from crosslora_jax.core.report import Report
 
 Progress = Callable[[str, int, int], None]  # (label, done, total)
 
@@ -84,8 +86,8 @@ class TransferResult:
   report: Report
 
   def save(self, folder: str | os.PathLike[str], dtype: Any | None = None) -> None:
-    from crosslora_jax import io
-    io.save_adapter(self.adapter, folder, dtype=dtype)
+    from crosslora_jax.formats import adapter_io
+    adapter_io.save_adapter(self.adapter, folder, dtype=dtype)
 
 
 class Subspaces:
@@ -93,7 +95,7 @@ class Subspaces:
 
   A subspace is a function of (weights, module, layer, rank, SVD options, seed)
   only, never of the adapter or of which model plays source or target, so it can
-  be cached on disk (:mod:`crosslora_jax.cache`) and shared. Results are kept in
+  be cached on disk (:mod:`crosslora_jax.core.cache`) and shared. Results are kept in
   memory only until :meth:`release`: the engine streams, so at most a few buckets
   of subspaces are held at a time.
   """
@@ -179,7 +181,7 @@ def layer_keys(seed: int, module: str, layers: Sequence[int]) -> jax.Array:
 
 
 def _module_index(module: str) -> int:
-  from crosslora_jax.architectures import CANONICAL_MODULES
+  from crosslora_jax.formats.architectures import CANONICAL_MODULES
   return CANONICAL_MODULES.index(module)
 
 

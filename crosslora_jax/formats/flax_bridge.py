@@ -20,7 +20,7 @@ A :class:`LoraTree` is a nested dict of arrays (``params``, a JAX pytree you can
   carries a qwix alpha = scaling · rank per module (see :func:`qwix_rules`).
   Plain 2-D dense kernels only.
 * ``peft``: ``<module>/lora_A`` (r, in) and ``<module>/lora_B`` (out, r), unscaled,
-  torch orientation (how :mod:`crosslora_jax.orbax_io` stores a PeftAdapter).
+  torch orientation (how :mod:`crosslora_jax.formats.orbax_io` stores a PeftAdapter).
 
 Exact inversion of the nnx fold: rounding ``scaling · B`` is lossy unless the
 scaling is a power of two (at scaling 4/3 about one float32 entry in eight comes
@@ -50,7 +50,7 @@ from typing import Any, Union
 import ml_dtypes  # noqa: F401  (bfloat16 for numpy)
 import numpy as np
 
-from crosslora_jax import peft_format
+from crosslora_jax.formats import peft_format
 from crosslora_jax.errors import CrossLoraError, collect_and_raise
 
 TreePath = tuple[Union[str, int], ...]

@@ -40,9 +40,9 @@ from absl import logging
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from crosslora_jax import kernels
+from crosslora_jax.core import kernels
 
-CACHE_ENV = "CROSSLORA_CACHE"  # root shared with crosslora_jax.zoo; subspaces live in <root>/subspaces
+CACHE_ENV = "CROSSLORA_CACHE"  # root shared with crosslora_bench.zoo; subspaces live in <root>/subspaces
 FORMAT_VERSION = 2  # bump when a kernel's numbers change: older entries then miss
 _FIELDS = ("u", "s", "v", "energy")
 

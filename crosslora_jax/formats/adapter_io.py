@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 from safetensors import safe_open
 
-from crosslora_jax import peft_format
-from crosslora_jax.architectures import Architecture
+from crosslora_jax.formats import peft_format
+from crosslora_jax.formats.architectures import Architecture
 from crosslora_jax.errors import CrossLoraError
 
 _log = logging.getLogger(__name__)

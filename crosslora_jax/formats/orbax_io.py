@@ -4,7 +4,7 @@ A checkpoint is an Orbax composite of two items:
 
 * ``params``: the array tree (``ocp.args.StandardSave`` / ``StandardRestore``);
 * ``meta``: JSON (``ocp.args.JsonSave`` / ``JsonRestore``): the LoraTree meta
-  (:mod:`crosslora_jax.flax_bridge`) plus every leaf's typed path, shape and dtype,
+  (:mod:`crosslora_jax.formats.flax_bridge`) plus every leaf's typed path, shape and dtype,
   so the tree comes back with the same keys (int list indices stay ints), shapes
   and dtypes without a template, and a template that does not match is refused
   before Orbax reads anything.
@@ -29,7 +29,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from crosslora_jax import flax_bridge, io, peft_format
+from crosslora_jax.formats import flax_bridge, adapter_io, peft_format
 from crosslora_jax.errors import CrossLoraError
 
 PARAMS, META = "params", "meta"
@@ -73,7 +73,7 @@ def save_args(lora: Lora) -> ocp.args.Composite:
 def _abstract_from_meta(meta: Mapping[str, Any], where: str) -> dict[Any, Any]:
   info = meta.get("orbax")
   if not isinstance(info, Mapping) or not isinstance(info.get("leaves"), list):
-    raise CrossLoraError(f"{where}: meta.orbax.leaves expected (written by crosslora_jax.orbax_io), got none. "
+    raise CrossLoraError(f"{where}: meta.orbax.leaves expected (written by crosslora_jax.formats.orbax_io), got none. "
                          "Was this checkpoint written with orbax_io.save?")
   tree: dict[Any, Any] = {}
   for leaf in info["leaves"]:
@@ -104,7 +104,7 @@ def _check_like(saved: Any, like: Any, where: str) -> Any:
     more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
     raise CrossLoraError(f"{where}: a restore target with the saved tree structure, shapes and dtypes expected, got "
                          f"differences: {'; '.join(problems[:8])}{more}. Restore without like= to get the saved tree, "
-                         "then convert it with crosslora_jax.flax_bridge.")
+                         "then convert it with crosslora_jax.formats.flax_bridge.")
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
 
 
@@ -151,7 +151,7 @@ def _write(folder: pathlib.Path, lora: Lora, where: str) -> None:
 
 def save(directory: str | os.PathLike[str], lora: Lora, *, overwrite: bool = False) -> pathlib.Path:
   """Writes ``lora`` as an Orbax checkpoint folder, atomically, and checks what was written."""
-  with io.atomic_folder(directory, overwrite=overwrite) as tmp:
+  with adapter_io.atomic_folder(directory, overwrite=overwrite) as tmp:
     _write(tmp, lora, str(directory))
   return pathlib.Path(directory)
 
@@ -162,7 +162,7 @@ def save_adapters_as_nnx(directory: str | os.PathLike[str], adapters: Mapping[st
 
   One adapter fills ``directory``; several get one subfolder each, by name. Atomic as a whole.
   """
-  with io.atomic_folder(directory, overwrite=overwrite) as tmp:
+  with adapter_io.atomic_folder(directory, overwrite=overwrite) as tmp:
     for name, adapter in adapters.items():
       _write(tmp / name if len(adapters) > 1 else tmp, flax_bridge.to_nnx(adapter), f"{directory}: {name}")
   return pathlib.Path(directory)
@@ -172,7 +172,7 @@ def _read_meta(restore_fn, where: str) -> dict[str, Any]:
   try:
     meta = restore_fn(ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
   except (FileNotFoundError, ValueError, KeyError, OSError) as e:
-    raise CrossLoraError(f"{where}: an Orbax checkpoint written by crosslora_jax.orbax_io expected (items "
+    raise CrossLoraError(f"{where}: an Orbax checkpoint written by crosslora_jax.formats.orbax_io expected (items "
                          f"{PARAMS!r} and {META!r}), got {type(e).__name__}: {str(e).splitlines()[0][:200]}.") from None
   if not isinstance(meta, dict):
     raise CrossLoraError(f"{where}: a JSON meta item expected, got {type(meta).__name__}.")

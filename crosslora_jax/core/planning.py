@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from crosslora_jax import peft_format
-from crosslora_jax.architectures import Architecture
+from crosslora_jax.formats import peft_format
+from crosslora_jax.formats.architectures import Architecture
 from crosslora_jax.errors import CrossLoraError
 
 METHODS = ("cross_lora", "lora_x", "copy", "truncate_pad", "anchored")
@@ -69,7 +69,7 @@ def canonical_factors(adapter: peft_format.PeftAdapter, arch: Architecture,
 
 def _other_family_hint(path: str, arch: Architecture) -> str:
   """' (a phi3 module: ...)' when ``path`` is stored that way by another family (fused vs unfused)."""
-  from crosslora_jax.architectures import SPECS
+  from crosslora_jax.formats.architectures import SPECS
   for spec in SPECS:
     if spec is arch.spec:
       continue

@@ -271,7 +271,7 @@ def check_config(spec: ModelSpec, folder: pathlib.Path) -> None:
 
 
 def _sanity_nll(model: Any, tokenizer: Any) -> float:
-  from crosslora_jax import textdata  # pylint: disable=import-outside-toplevel
+  from crosslora_bench import textdata  # pylint: disable=import-outside-toplevel
 
   return textdata.mean_nll(model, textdata.heldout_blocks(tokenizer, n=4, block_size=128), batch_size=4)[0]
 

@@ -18,7 +18,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy before safetensor
 import numpy as np
 from safetensors import safe_open
 
-from crosslora_jax.architectures import Architecture, to_out_in
+from crosslora_jax.formats.architectures import Architecture, to_out_in
 from crosslora_jax.errors import CrossLoraError
 
 SINGLE_FILE = "model.safetensors"

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from crosslora_jax import kernels
+from crosslora_jax.core import kernels
 
 AXIS = "layers"
 

@@ -25,7 +25,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from crosslora_jax.checkpoint import check_finite, read_json
+from crosslora_jax.formats.checkpoint import check_finite, read_json
 from crosslora_jax.errors import CrossLoraError
 
 CONFIG_FILE = "adapter_config.json"

@@ -1,8 +1,8 @@
 """Transfer without files: base weights as mappings (or lazy loaders), LoRA as a pytree.
 
-:func:`transfer` is a thin layer over :func:`crosslora_jax.engine.transfer`, the
+:func:`transfer` is a thin layer over :func:`crosslora_jax.core.engine.transfer`, the
 function the CLI calls, so both give the same adapter on the same inputs. It
-takes the LoRA as a PeftAdapter or a :class:`~crosslora_jax.flax_bridge.LoraTree`
+takes the LoRA as a PeftAdapter or a :class:`~crosslora_jax.formats.flax_bridge.LoraTree`
 (nnx / qwix / peft layout) and gives it back in the same form, for the target.
 
 For users whose shapes are static, :func:`transfer_factors` (torch orientation)
@@ -22,10 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crosslora_jax import engine, flax_bridge, kernels, peft_format, planning
-from crosslora_jax.checkpoint import BaseWeights, DictWeights
+from crosslora_jax.core import engine, kernels, planning
+from crosslora_jax.formats import flax_bridge, peft_format
+from crosslora_jax.formats.checkpoint import BaseWeights, DictWeights
 from crosslora_jax.errors import CrossLoraError
-from crosslora_jax.report import Report
+from crosslora_jax.core.report import Report
 
 BaseLike = Union[str, os.PathLike, BaseWeights, Mapping[str, Any]]
 LoraLike = Union[peft_format.PeftAdapter, flax_bridge.LoraTree, str, os.PathLike]
@@ -147,7 +148,7 @@ def transfer(source: BaseLike, target: BaseLike, lora: LoraLike, *,
       (out, in); a lazy :class:`LazyWeights` reads only what the transfer needs),
       each with its HF config dict as ``source_config``/``target_config``.
     lora: a PeftAdapter, a PEFT folder, or a LoraTree (nnx/qwix/peft layout) made
-      by :mod:`crosslora_jax.flax_bridge` (its meta says how to read it).
+      by :mod:`crosslora_jax.formats.flax_bridge` (its meta says how to read it).
     config: the CLI's options (method, rank, layer_map, svd, seed, dtype …).
     key_map: maps HF module paths to the input tree's paths (default: the tree's meta).
     target_key_map: the same for the output tree (default: ``key_map``, else identity).
