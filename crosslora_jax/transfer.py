@@ -46,10 +46,16 @@ from crosslora_jax.core import cache, engine, kernels, planning
 from crosslora_jax.formats import adapter_io
 from crosslora_jax.errors import CrossLoraError
 from crosslora_jax.progress import ProgressBar
+from crosslora_jax import hub, plot  # hf: Hub ids, model card, --plot
+from crosslora_jax.formats import model_card
 
-_SOURCE = flags.DEFINE_string("source_model", None, "HF folder of the base model the adapter was trained on.")
-_TARGET = flags.DEFINE_string("target_model", None, "HF folder of the base model to move the adapter to.")
-_ADAPTER = flags.DEFINE_multi_string("adapter", [], "PEFT adapter folder (repeat for several).")
+_SOURCE = flags.DEFINE_string("source_model", None, "HF folder or Hub id (owner/name[@revision]) of the base model "
+                               "the adapter was trained on.")
+_TARGET = flags.DEFINE_string("target_model", None, "HF folder or Hub id (owner/name[@revision]) of the base model "
+                               "to move the adapter to.")
+_ADAPTER = flags.DEFINE_multi_string("adapter", [], "PEFT adapter folder or Hub id (owner/name[@revision]); "
+                                     "repeat for several. Hub ids come from the Hugging Face cache (HF_HUB_CACHE / "
+                                     "HF_HOME), downloaded into it only if missing and HF_HUB_OFFLINE is not set.")
 _ADAPTER_DIR = flags.DEFINE_string("adapter_dir", None, "A folder of adapters: every subfolder holding "
                                    "adapter_config.json is transferred (with any --adapter).")
 _OUTPUT = flags.DEFINE_string("output", None, "Output folder (one subfolder per adapter when several).")
@@ -91,7 +97,10 @@ _CALIBRATE = flags.DEFINE_bool("calibrate_norm", False, "Rescale each module so 
 _ANCHOR_THRESHOLD = flags.DEFINE_float("anchor_threshold", 0.25, "--method anchored: skip modules whose "
                                        "predicted transferability (R2_in * R2_out) is below this.")
 _ANCHOR_TOKENS = flags.DEFINE_integer("anchor_tokens", 2048, "--method anchored: shared tokens used as probes.")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Progress bars on stderr (tqdm): shown on a terminal by default; "
+                              "--progress shows them anyway (logs), --noprogress never.")
+_PLOT = flags.DEFINE_string("plot", None, "Draw the per-layer diagnostics (energy captured, overlap, relative update, "
+                            "skipped layers) into this .png file (needs matplotlib: pip install 'crosslora_jax[plot]').")
 # Quiet by default (JAX logs backend probing at INFO); --verbosity=1 shows logs and tracebacks.
 flags.FLAGS.set_default("verbosity", logging.WARNING)
 
@@ -122,37 +131,57 @@ def run() -> list[engine.TransferResult]:
     adapter_io.check_output_path(_REPORT.value, overwrite=True, flag="--report")
   if _ORBAX_OUTPUT.value:
     adapter_io.check_output_path(_ORBAX_OUTPUT.value, overwrite=_OVERWRITE.value, flag="--orbax_output")
-  names = [pathlib.Path(a).name for a in adapters]
+  if _PLOT.value:
+    plot.check_plot_path(_PLOT.value)
+  names = [hub.short_name(a) for a in adapters]
   if len(set(names)) != len(names):
     raise CrossLoraError(f"--adapter/--adapter_dir: folders with distinct names expected (they name the output subfolders), "
                          f"got {names}. Rename or copy one of them.")
-  progress = ProgressBar() if _PROGRESS.value else None
+  progress = ProgressBar(enabled=True if flags.FLAGS["progress"].present else None) if _PROGRESS.value else None
+  if not _PROGRESS.value:
+    hub.hide_download_bars()
   results = engine.transfer(_SOURCE.value, _TARGET.value, adapters, config, progress=progress)
   target_arch = engine.open_base(_TARGET.value).arch
   with adapter_io.atomic_folder(output, overwrite=_OVERWRITE.value) as tmp:
-    for name, result in zip(names, results):
+    for name, result, adapter in zip(names, results, adapters):
       folder = tmp / name if len(results) > 1 else tmp
       folder.mkdir(exist_ok=True)
       dtype = config.dtype or result.report.output_dtype
       from crosslora_jax.formats import peft_format
       peft_format.write_adapter_files(result.adapter, folder, peft_format.DTYPES[dtype])
-      adapter_io.verify_adapter_folder(folder, result.adapter, dtype, target_arch,
+      card = _model_card(result, adapter)
+      model_card.write(folder, card)
+      adapter_io.verify_adapter_folder(folder, result.adapter, dtype, target_arch, readme=card,
                                shown_as=output / name if len(results) > 1 else output)
     if _ORBAX_OUTPUT.value:  # inside the PEFT write, so a failure here leaves no --output either
       from crosslora_jax.formats import orbax_io
       from crosslora_jax.core import pytree_api
       orbax_io.save_adapters_as_nnx(_ORBAX_OUTPUT.value, {n: pytree_api.output_adapter(r, config)
                                                           for n, r in zip(names, results)}, overwrite=_OVERWRITE.value)
+    picture = plot.render_png([r.report for r in results]) if _PLOT.value else None  # before the swap: no output without it
   if _REPORT.value:
     report_json = (results[0].report.to_json() if len(results) == 1 else
                    "[\n" + ",\n".join(r.report.to_json() for r in results) + "\n]")
     adapter_io.write_text_atomic(_REPORT.value, report_json + "\n")
+  if picture is not None:
+    plot.write_png(_PLOT.value, picture)
   for result in results:
     print(result.report.text())
   print(f"wrote {output}")
   if _ORBAX_OUTPUT.value:
     print(f"wrote {_ORBAX_OUTPUT.value}")
+  if picture is not None:
+    print(f"wrote {_PLOT.value}")
   return results
+
+
+def _model_card(result: engine.TransferResult, adapter: str) -> str:
+  """README.md of one output: Hub ids as the user gave them (with @revision), folders as the report names them."""
+  given = lambda text, fallback: text if hub.is_hub_id(text) else fallback
+  report = result.report
+  return model_card.render(report, base_model=result.adapter.config["base_model_name_or_path"],
+                           source_adapter=given(adapter, report.adapter), source_model=given(_SOURCE.value, report.source),
+                           target_model=given(_TARGET.value, report.target))
 
 
 def adapters_in(folder: str) -> list[str]:

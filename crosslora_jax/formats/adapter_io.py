@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from safetensors import safe_open
 
-from crosslora_jax.formats import peft_format
+from crosslora_jax.formats import model_card, peft_format
 from crosslora_jax.formats.architectures import Architecture
 from crosslora_jax.errors import CrossLoraError
 
@@ -267,15 +267,16 @@ def write_text_atomic(file: str | os.PathLike[str], text: str) -> None:
 
 def verify_adapter_folder(folder: pathlib.Path, expected: peft_format.PeftAdapter, dtype: Any,
                           target: Architecture | None = None, *,
-                          shown_as: str | os.PathLike[str] | None = None) -> None:
+                          shown_as: str | os.PathLike[str] | None = None, readme: str | None = None) -> None:
   """Re-opens a written adapter and checks it against what was computed and against ``target``.
 
   Every key, shape, dtype and byte of adapter_model.safetensors must equal
   ``expected`` cast to ``dtype`` (None: as held); adapter_config.json must parse
   back to ``expected.config`` and select exactly the written modules with their
   ranks; with ``target``, every module must exist in the target with matching
-  (out, in) sizes. Any difference is a bug, never a user error, but it is still
-  raised as CrossLoraError so that nothing broken is renamed into place. Messages
+  (out, in) sizes; with ``readme``, README.md must hold exactly that model card.
+  Any difference is a bug, never a user error, but it is still raised as
+  CrossLoraError so that nothing broken is renamed into place. Messages
   name ``shown_as`` (the final output path) instead of the temporary ``folder``.
   """
   np_dtype = peft_format.DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -306,6 +307,8 @@ def verify_adapter_folder(folder: pathlib.Path, expected: peft_format.PeftAdapte
       problems.append(str(e).rstrip("."))
     else:
       problems += _check_written(folder, written, expected, target)
+  if readme is not None:
+    problems += model_card.check_written(folder, readme)
   if problems:
     message = (f"{folder}: output verification failed: " + "; ".join(problems[:5])
                + ". Nothing was written; please report this as a bug.")
@@ -343,10 +346,12 @@ def _check_written(folder: pathlib.Path, written: peft_format.PeftAdapter, expec
 
 
 def save_adapter(adapter: peft_format.PeftAdapter, folder: str | os.PathLike[str], *, dtype: Any | None = None,
-                 overwrite: bool = False, target: Architecture | None = None) -> pathlib.Path:
-  """Writes a PEFT folder atomically (temp folder, verify, swap in)."""
+                 overwrite: bool = False, target: Architecture | None = None, readme: str | None = None) -> pathlib.Path:
+  """Writes a PEFT folder atomically (temp folder, verify, swap in); ``readme``: its README.md model card."""
   np_dtype = peft_format.DTYPES[dtype] if isinstance(dtype, str) else dtype
   with atomic_folder(folder, overwrite=overwrite) as tmp:
     peft_format.write_adapter_files(adapter, tmp, np_dtype)
-    verify_adapter_folder(tmp, adapter, np_dtype, target, shown_as=folder)
+    if readme is not None:
+      model_card.write(tmp, readme)
+    verify_adapter_folder(tmp, adapter, np_dtype, target, shown_as=folder, readme=readme)
   return pathlib.Path(folder)
