@@ -72,9 +72,8 @@ def render_png(reports: Any, *, extra: Sequence[Panel] = (), dpi: int = 100) -> 
   axes = fig.subplots(rows, cols, squeeze=False)
   for c, report in enumerate(reports):
     column = axes[:, c]
-    column[0].set_title(f"{report['adapter']}: {report['config']['method']}\n{report['source']} → {report['target']}",
-                        fontsize=9)
-    _module_lines(column[0], report, ("energy_target", "energy_source"), "energy captured (Σσ_r² / ‖W‖²)")
+    header = f"{report['adapter']}: {report['config']['method']}, {report['source']} → {report['target']}"
+    _module_lines(column[0], report, ("energy_target", "energy_source"), "energy captured (Σσ_r² / ‖W‖²)", header)
     _module_lines(column[1], report, ("overlap",), "subspace overlap")
     _module_lines(column[2], report, ("relative_update_target", "relative_update_source"), "‖ΔW‖ / ‖W‖")
     _coverage(column[3], report)
@@ -119,7 +118,7 @@ def _modules(report: Mapping[str, Any]) -> list[str]:
   return list(dict.fromkeys(e["module"] for e in report["entries"]))
 
 
-def _module_lines(ax: Any, report: Mapping[str, Any], fields: Sequence[str], label: str) -> None:
+def _module_lines(ax: Any, report: Mapping[str, Any], fields: Sequence[str], label: str, header: str = "") -> None:
   """One line per module across target layers: the first field solid, a second one dashed."""
   drawn = False
   colors = {}
@@ -136,12 +135,14 @@ def _module_lines(ax: Any, report: Mapping[str, Any], fields: Sequence[str], lab
       drawn = True
   ax.set_ylabel(label, fontsize=8)
   ax.set_xlabel("target layer", fontsize=8)
+  note = f"solid: {fields[0].rsplit('_', 1)[-1]}, dashed: {fields[1].rsplit('_', 1)[-1]}" if len(fields) > 1 else ""
+  title = "\n".join(t for t in (header, note) if t)
+  if title:
+    ax.set_title(title, fontsize=8)
   if not drawn:
     ax.text(0.5, 0.5, f"not measured by --method {report['config']['method']}", ha="center", va="center",
             transform=ax.transAxes, fontsize=8)
     return
-  if len(fields) > 1:
-    ax.set_title(f"solid: {fields[0].rsplit('_', 1)[-1]}, dashed: {fields[1].rsplit('_', 1)[-1]}", fontsize=8)
   ax.legend(fontsize=6, ncol=4, loc="best")
   ax.grid(alpha=0.3)
 

@@ -61,3 +61,23 @@ def add_snapshot(cache: pathlib.Path, repo_id: str, folder: pathlib.Path, *, ref
 
 def snapshot(cache: pathlib.Path, repo_id: str, commit: str) -> pathlib.Path:
   return cache / ("models--" + repo_id.replace("/", "--")) / "snapshots" / commit
+
+
+def tiny_folders(root: pathlib.Path) -> dict[str, pathlib.Path]:
+  """The tiny fixture models and a LoRA on the source, as plain folders: src (llama), tgt (qwen2), lora."""
+  import fixtures
+  src = fixtures.make_model("llama", root / "src", seed=0)
+  fixtures.make_model("qwen2", root / "tgt", seed=1)
+  fixtures.make_adapter(src, root / "lora", kind="llama", r=4, seed=1)
+  return {"src": root / "src", "tgt": root / "tgt", "lora": root / "lora"}
+
+
+def hub_env(monkeypatch, root: pathlib.Path) -> pathlib.Path:
+  """Points huggingface_hub at an empty cache under ``root``, offline; returns the cache folder."""
+  cache = root / "hf_home" / "hub"
+  monkeypatch.setenv("HF_HOME", str(root / "hf_home"))
+  monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+  monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+  return cache

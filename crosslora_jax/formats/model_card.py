@@ -13,6 +13,7 @@ and appends its version under "### Framework versions").
 
 from __future__ import annotations
 
+import json
 import pathlib
 from collections.abc import Mapping
 from typing import Any
@@ -122,9 +123,17 @@ def _body(r: Mapping[str, Any], names: Mapping[str, str], base_model: str) -> st
             f"({RESULTS_LINK}) in the crosslora_jax repository.", "",
             "## How to use", "", "```python", "from peft import PeftModel",
             "from transformers import AutoModelForCausalLM", "",
-            f"base = AutoModelForCausalLM.from_pretrained({base_model!r})",
+            f"base = AutoModelForCausalLM.from_pretrained({_from_pretrained_args(names['target'], base_model)})",
             "model = PeftModel.from_pretrained(base, \"path/to/this/adapter\")", "```", ""]
   return "\n".join(lines)
+
+
+def _from_pretrained_args(target: str, base_model: str) -> str:
+  """``"owner/name"`` (plus ``revision="..."`` when the target was given as a Hub id with one)."""
+  from crosslora_jax import hub
+  parsed = hub.parse_hub_id(target)
+  revision = parsed[1] if parsed is not None and parsed[0] == base_model else None
+  return json.dumps(base_model) + (f", revision={json.dumps(revision)}" if revision else "")
 
 
 def _short(name: str) -> str:
@@ -141,6 +150,8 @@ def _options(config: Mapping[str, Any], output_dtype: str | None) -> str:
     value = config.get(key)
     if key == "dtype":
       value = value or output_dtype
+    if isinstance(value, bool):
+      value = "on" if value else "off"
     if key in ("rank",) and config.get("method") not in ("cross_lora", "lora_x"):
       continue
     parts.append(f"{key} {value}")
