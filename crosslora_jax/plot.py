@@ -70,9 +70,12 @@ def render_png(reports: Any, *, extra: Sequence[Panel] = (), dpi: int = 100) -> 
   rows, cols = 4 + len(extra), len(reports)
   fig = Figure(figsize=(6.4 * cols, 2.7 * rows), dpi=dpi, layout="constrained")
   axes = fig.subplots(rows, cols, squeeze=False)
+  for ax in axes.flat[: 4 * cols]:  # layers are integers
+    ax.xaxis.get_major_locator().set_params(integer=True)
   for c, report in enumerate(reports):
     column = axes[:, c]
-    header = f"{report['adapter']}: {report['config']['method']}, {report['source']} → {report['target']}"
+    header = (f"{_label(report['adapter'])}: {report['config']['method']}, {_label(report['source'])} → "
+              f"{_label(report['target'])}")
     _module_lines(column[0], report, ("energy_target", "energy_source"), "energy captured (Σσ_r² / ‖W‖²)", header)
     _module_lines(column[1], report, ("overlap",), "subspace overlap")
     _module_lines(column[2], report, ("relative_update_target", "relative_update_source"), "‖ΔW‖ / ‖W‖")
@@ -108,6 +111,11 @@ def write_png(file: str | os.PathLike[str], data: bytes) -> pathlib.Path:
     raise CrossLoraError(f"--plot: {path}: a complete write expected, got {e.strerror or e}. "
                          "Free disk space or choose another path.") from None
   return path
+
+
+def _label(name: str) -> str:
+  """A Hub id as it is; a local folder by its last two parts (full paths crowd the title)."""
+  return name if not os.path.isabs(name) else "…/" + "/".join(pathlib.PurePath(name).parts[-2:])
 
 
 def _as_dict(report: Any) -> dict[str, Any]:
