@@ -127,14 +127,15 @@ def resolve(path_or_id: str | os.PathLike[str], *, kind: str = "model", allow_do
     return HubFolder(pathlib.Path(text))
   repo_id, revision = parse_hub_id(text)
   revision = revision or "main"
-  found = _from_cache(text, repo_id, revision, kind)
-  if found is None:
+  found = _from_cache(repo_id, revision)
+  missing = missing_files(found.folder, kind) if found is not None else []
+  if found is None or missing:
     if offline() or not allow_download:
-      raise CrossLoraError(_not_cached(text, repo_id, revision, kind, allow_download))
-    found = _download(text, repo_id, revision, kind, progress)
-  missing = missing_files(found.folder, kind)
-  if missing:
-    raise CrossLoraError(_incomplete(text, found, missing))
+      raise CrossLoraError(_incomplete(text, found, missing) if found else _not_cached(text, repo_id, revision, kind))
+    found = _download(text, repo_id, revision, kind, progress)  # fetches what is missing, keeps the rest
+    missing = missing_files(found.folder, kind)
+    if missing:
+      raise CrossLoraError(_incomplete(text, found, missing))
   return found
 
 
@@ -162,18 +163,18 @@ def _repo_folder(repo_id: str) -> pathlib.Path:
   return cache_dir() / ("models--" + repo_id.replace("/", "--"))
 
 
-def _from_cache(text: str, repo_id: str, revision: str, kind: str) -> HubFolder | None:
-  """The cached snapshot of ``repo_id`` at ``revision`` through huggingface_hub, offline; None if not cached."""
+def _from_cache(repo_id: str, revision: str) -> HubFolder | None:
+  """The cached snapshot of ``repo_id`` at ``revision``, found by huggingface_hub offline; None if not cached.
+
+  A snapshot that huggingface_hub knows to lack some of the repository's files is
+  still returned: :func:`missing_files` decides whether it lacks what is read here.
+  """
   from huggingface_hub import snapshot_download
   from huggingface_hub.errors import LocalEntryNotFoundError
-  incomplete_error = _incomplete_error_type()
   try:
-    folder = snapshot_download(repo_id, revision=revision, cache_dir=str(cache_dir()), local_files_only=True,
-                               allow_patterns=DOWNLOAD_PATTERNS[kind])
-  except incomplete_error as e:  # huggingface_hub knows the repo's file list and some are missing
-    snapshot = pathlib.Path(e.snapshot_path)
-    found = HubFolder(snapshot, repo_id, revision, snapshot.name)
-    raise CrossLoraError(_incomplete(text, found, missing_files(snapshot, kind) or ["files of its tree listing"])) from None
+    folder = snapshot_download(repo_id, revision=revision, cache_dir=str(cache_dir()), local_files_only=True)
+  except _incomplete_error_type() as e:
+    folder = e.snapshot_path
   except LocalEntryNotFoundError:
     return None
   folder = pathlib.Path(folder)
@@ -203,7 +204,7 @@ def cached_revisions(repo_id: str) -> list[str]:
   return named + [c for c in commits if c not in refs.values()]
 
 
-def _not_cached(text: str, repo_id: str, revision: str, kind: str, allow_download: bool) -> str:
+def _not_cached(text: str, repo_id: str, revision: str, kind: str) -> str:
   why = "HF_HUB_OFFLINE is set" if offline() else "downloading is turned off"
   fix = ("unset HF_HUB_OFFLINE" if offline() else "allow downloading")
   fetch = f"hf download {repo_id}" + (f" --revision {revision}" if revision != "main" else "")

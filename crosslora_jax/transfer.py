@@ -25,6 +25,12 @@ adapter folder). Outputs are written to a temporary folder, checked, then rename
 failure leaves nothing half-written. Bad input exits with status 2 and one line naming
 the file, the key and the fix.
 
+--source_model, --target_model and --adapter also take Hugging Face Hub ids,
+owner/name[@revision], read from the local Hugging Face cache (HF_HUB_CACHE, HF_HOME)
+and downloaded into it only when missing and HF_HUB_OFFLINE is not set. Every output
+folder gets a README.md model card (base_model = the target, library_name: peft).
+--plot FILE.png draws the per-layer diagnostics of the report (needs matplotlib).
+
 --orbax_output also writes each transferred adapter as an Orbax checkpoint of a flax.nnx
 LoRA tree (crosslora_jax.formats.orbax_io; see docs/flax.md), under the same guarantees.
 """

@@ -108,6 +108,19 @@ def test_incomplete_snapshot_known_from_the_tree_listing(cache):
   assert "`hf download tiny/llama`" in message
 
 
+def test_files_not_read_here_may_be_missing(cache):
+  root, commits = cache
+  listing = root / "models--tiny--llama" / "trees" / f"{commits['tiny/llama']}.json"
+  tree = json.loads(listing.read_text())
+  tree["files"]["pytorch_model.bin"] = {"size": 10, "blob_id": "0" * 40}  # on the Hub, never downloaded
+  listing.write_text(json.dumps(tree))
+  from huggingface_hub import snapshot_download
+  from huggingface_hub.errors import LocalEntryNotFoundError
+  with pytest.raises(LocalEntryNotFoundError):  # huggingface_hub calls the snapshot incomplete...
+    snapshot_download("tiny/llama", cache_dir=str(root), local_files_only=True)
+  assert hub.resolve("tiny/llama").commit == commits["tiny/llama"]  # ...but it holds all that is read
+
+
 def test_incomplete_snapshot_without_tree_listing(cache, folders, tmp_path):
   root, _ = cache
   commit = hub_cache.add_snapshot(root, "tiny/partial", folders["src"], tree_listing=False)
