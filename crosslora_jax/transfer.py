@@ -52,7 +52,7 @@ from crosslora_jax.core import cache, engine, kernels, planning
 from crosslora_jax.formats import adapter_io
 from crosslora_jax.errors import CrossLoraError
 from crosslora_jax.progress import ProgressBar
-from crosslora_jax import hub, plot  # hf: Hub ids, model card, --plot
+from crosslora_jax import hub, plot
 from crosslora_jax.formats import model_card
 
 _SOURCE = flags.DEFINE_string("source_model", None, "HF folder or Hub id (owner/name[@revision]) of the base model "
