@@ -3,8 +3,8 @@
 :class:`ProgressBar` is the engine's ``progress(label, done, total)`` callback: one
 tqdm bar per label (with rate and ETA), closed when it reaches its total or when a
 new label starts. By default a bar is shown only when the stream is a terminal,
-so logs and CI output stay clean; ``enabled=True`` shows it anyway (one final
-line per bar when the stream is not a terminal), ``enabled=False`` never.
+so logs and CI output stay clean; ``enabled=True`` shows it anyway (off a
+terminal, at most one redraw per 30 s), ``enabled=False`` never.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ class ProgressBar:
     tty = bool(getattr(stream, "isatty", lambda: False)())
     # disable=None is tqdm's own rule: off when the stream is not a terminal.
     disable = None if self.enabled is None else False
-    # Off a terminal every redraw would be one more line in a log: draw only at close.
-    mininterval = 0.1 if tty else float("inf")
+    # Off a terminal every redraw is one more record in a log: at most one per 30 s, and the final count.
+    mininterval = 0.1 if tty else 30.0
     return tqdm(total=total, desc=label, file=stream, disable=disable, mininterval=mininterval,
                 unit="weight", dynamic_ncols=tty, leave=True)
 
