@@ -93,7 +93,7 @@ def read_object(path: pathlib.Path, what: str = "JSON", *, max_bytes: int = MAX_
     raw = path.read_bytes()[:max_bytes + 1]
     text = raw.decode("utf-8")
   except UnicodeDecodeError as e:
-    raise CrossLoraError(f"{path}: valid JSON (UTF-8 text) expected, got undecodable bytes ({e.reason} at {e.start}). "
+    raise CrossLoraError(f"{path}: valid JSON expected (UTF-8 text), got undecodable bytes ({e.reason} at {e.start}). "
                          "Fix or re-download the file.") from None
   except OSError as e:
     raise CrossLoraError(f"{path}: a readable {what} file expected, got {e.strerror or e}. Check its permissions.") from None
