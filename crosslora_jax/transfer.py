@@ -31,23 +31,34 @@ LoRA tree (crosslora_jax.formats.orbax_io; see docs/flax.md), under the same gua
 
 from __future__ import annotations
 
-import dataclasses
-import gc
-import math
 import os
-import pathlib
 import signal
 import sys
-import threading
-from typing import Any
 
-from absl import app, flags, logging
 
-from crosslora_jax import outputs
-from crosslora_jax.core import cache, engine, kernels, planning
-from crosslora_jax.errors import CrossLoraError, one_line
-from crosslora_jax.formats import adapter_io
-from crosslora_jax.progress import ProgressBar
+def _exit_at_once(signum: int, frame: object) -> None:
+  os._exit(128 + signum)  # nothing is written yet: leave with the signal's status, no traceback
+
+
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "crosslora-transfer":
+  # Until main() installs the unwinding handler, a signal while JAX loads just ends the process.
+  for _signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(_signum, _exit_at_once)
+
+import dataclasses  # noqa: E402  (after the early signal handlers: importing JAX takes seconds)
+import gc  # noqa: E402
+import math  # noqa: E402
+import pathlib  # noqa: E402
+import threading  # noqa: E402
+from typing import Any  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+
+from crosslora_jax import outputs  # noqa: E402
+from crosslora_jax.core import cache, engine, kernels, planning  # noqa: E402
+from crosslora_jax.errors import CrossLoraError, one_line  # noqa: E402
+from crosslora_jax.formats import adapter_io  # noqa: E402
+from crosslora_jax.progress import ProgressBar  # noqa: E402
 
 _DEFAULTS = engine.TransferConfig()  # every option's default is defined once, by the config dataclasses
 _INT64 = dict(lower_bound=-(2**63), upper_bound=2**63 - 1)

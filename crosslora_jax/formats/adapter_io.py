@@ -109,10 +109,11 @@ class _Transaction:
           _swap_back(tmp, final, old)
       self.discard()
       raise _write_error(final, e) from None
+    for _, final, _ in done:
+      _fsync_dir(parent_of(final))
     for _, final, old in done:
       if old is not None:
         _dispose(old, final)
-      _fsync_dir(parent_of(final))
     self.staged.clear()
 
 
