@@ -155,3 +155,279 @@ def test_report_at_an_existing_folder_is_refused_before_work(models, tmp_path, c
   c.extra += ["--overwrite", "--report", str(tmp_path / "rep")]
   refused(c, capsys, ["--report expected to be a file", "never replaced"])
   assert not c.output.exists()
+
+
+# --- 2. all or nothing ------------------------------------------------------------------------
+
+@pytest.fixture
+def old_outputs(tmp_path):
+  """An existing adapter folder, report and Orbax folder (markers only) that a failed run must keep."""
+  out, report, orbax = tmp_path / "out", tmp_path / "report.json", tmp_path / "orbax"
+  out.mkdir()
+  (out / "keep.txt").write_text("mine")
+  report.write_text("old report")
+  orbax.mkdir()
+  (orbax / "keep.txt").write_text("mine")
+  return out, report, orbax
+
+
+@pytest.mark.parametrize("fails", ["report", "orbax", "adapter_verify", "second_swap"])
+def test_a_late_failure_leaves_every_output_as_it_was(fails, old_outputs, models, tmp_path, capsys, monkeypatch):
+  from crosslora_jax.formats import adapter_io, orbax_io
+  out, report, orbax = old_outputs
+  c = Hostile(models, tmp_path)
+  c.watch += [out, report, orbax]
+  c.extra += ["--overwrite", "--report", str(report), "--orbax_output", str(orbax)]
+  if fails == "report":
+    monkeypatch.setattr(os, "fsync", _fail_for(lambda fd: os.readlink(f"/proc/self/fd/{fd}").count("report.json")))
+  elif fails == "orbax":
+    def broken(*args, **kwargs):
+      raise OSError(28, "No space left on device")
+    monkeypatch.setattr(orbax_io, "_write", broken)
+  elif fails == "adapter_verify":
+    def broken(*args, **kwargs):
+      raise adapter_io.CrossLoraError("out: output verification failed: simulated")
+    monkeypatch.setattr(adapter_io, "verify_adapter_folder", broken)
+  else:
+    real, calls = adapter_io._swap_in, []
+    def swap(new, final):
+      calls.append(final)
+      if len(calls) == 2:
+        raise OSError(5, "Input/output error", str(final))
+      return real(new, final)
+    monkeypatch.setattr(adapter_io, "_swap_in", swap)
+  refused(c, capsys)
+  left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+  assert left == [], left
+
+
+def _fail_for(select):
+  real = os.fsync
+  def fsync(fd):
+    if select(fd):
+      raise OSError(28, "No space left on device")
+    return real(fd)
+  return fsync
+
+
+def test_all_outputs_are_new_together(old_outputs, models, tmp_path, capsys):
+  out, report, orbax = old_outputs
+  c = Hostile(models, tmp_path)
+  c.extra += ["--overwrite", "--report", str(report), "--orbax_output", str(orbax)]
+  rc, _, err = run_in_process(c.args(), capsys)
+  assert rc == 0, err
+  assert not (out / "keep.txt").exists() and not (orbax / "keep.txt").exists()
+  assert json.loads(report.read_text())["config"]["method"] == "truncate_pad"
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+# --- 3. confinement: what a folder's files name, and what they are ----------------------------
+
+def _shard_index(c: Hostile, name: str, tmp_path) -> pathlib.Path:
+  """A sharded copy of the source whose index names ``name`` (relative to the folder) for one key."""
+  c.source = c.copy("sharded")
+  index = c.source / "model.safetensors.index.json"
+  data = json.loads(index.read_text())
+  key = sorted(data["weight_map"])[0]
+  data["weight_map"][key] = name
+  index.write_text(json.dumps(data))
+  return index
+
+
+@pytest.mark.parametrize("name", ["../outside/model.safetensors", "/etc/passwd", "link_out", "sub/../../x",
+                                  "a\\..\\..\\b", 7, ""])
+def test_index_names_outside_the_folder_are_refused(name, models, tmp_path, capsys):
+  c = Hostile(models, tmp_path)
+  (tmp_path / "outside").mkdir()
+  save_file({"x": np.zeros(2, np.float32)}, str(tmp_path / "outside" / "model.safetensors"))
+  index = _shard_index(c, name, tmp_path)
+  (c.source / "link_out").symlink_to(tmp_path / "outside" / "model.safetensors")
+  refused(c, capsys, [str(index), "weight_map"])
+
+
+@pytest.mark.parametrize("which", ["model_fifo", "config_fifo", "adapter_fifo", "adapter_config_fifo",
+                                   "model_is_dev_zero", "shard_fifo"])
+def test_special_files_are_refused_without_blocking(which, models, tmp_path, capsys):
+  c = Hostile(models, tmp_path)
+  folder, name = {"model_fifo": (c.source, "model.safetensors"), "config_fifo": (c.target, "config.json"),
+                  "adapter_fifo": (c.adapter, "adapter_model.safetensors"),
+                  "adapter_config_fifo": (c.adapter, "adapter_config.json"),
+                  "model_is_dev_zero": (c.source, "model.safetensors"), "shard_fifo": (None, None)}[which]
+  if which == "shard_fifo":
+    c.source = c.copy("sharded")
+    folder, name = c.source, sorted(p.name for p in c.source.glob("*.safetensors"))[0]
+  (folder / name).unlink()
+  if which == "model_is_dev_zero":
+    (folder / name).symlink_to("/dev/zero")
+  else:
+    os.mkfifo(folder / name)
+  refused(c, capsys, [name, "regular file"], timeout=30)
+
+
+@pytest.mark.parametrize("claim", ["beyond_file", "zero", "huge"])
+def test_safetensors_header_length_is_checked_before_reading(claim, models, tmp_path, capsys):
+  c = Hostile(models, tmp_path)
+  file = c.adapter / "adapter_model.safetensors"
+  data = file.read_bytes()
+  n = {"beyond_file": len(data), "zero": 0, "huge": 2**62}[claim]
+  file.write_bytes(struct.pack("<Q", n) + data[8:])
+  refused(c, capsys, [str(file), "safetensors header"])
+
+
+# --- 4. strict, bounded parsing ---------------------------------------------------------------
+
+def _raw_json(file: pathlib.Path, field: str, raw: str) -> None:
+  """Sets ``field`` of a JSON object file to the literal text ``raw`` (NaN, huge integers, ...)."""
+  data = json.loads(file.read_text())
+  data[field] = "__RAW__"
+  file.write_text(json.dumps(data).replace('"__RAW__"', raw))
+
+
+@pytest.mark.parametrize("file,field,raw,says", [
+    ("src/config.json", "num_hidden_layers", "[" * 50000 + "]" * 50000, "nested at most"),
+    ("src/config.json", "hidden_size", "9" * 5000, "integers within"),
+    ("tgt/config.json", "rms_norm_eps", "1e999", "finite numbers"),
+    ("ad/adapter_config.json", "r", "NaN", "finite numbers"),
+    ("ad/adapter_config.json", "lora_alpha", "Infinity", "finite numbers"),
+    ("ad/adapter_config.json", "lora_alpha", "-Infinity", "finite numbers"),
+    ("src/config.json", "text_config", "[1, 2]", "text_config expected an object"),
+    ("tgt/config.json", "text_config", '"gemma"', "text_config expected an object"),
+    ("src/config.json", "quantization_config", '{"quant_method": "bitsandbytes"}', "unquantized"),
+    ("src/config.json", "num_hidden_layers", "100000000", "layers expected from the"),
+    ("tgt/config.json", "num_hidden_layers", "4000000", "layers expected from the"),
+])
+def test_configs_are_parsed_strictly(file, field, raw, says, models, tmp_path, capsys):
+  c = Hostile(models, tmp_path)
+  _raw_json(tmp_path / file, field, raw)
+  refused(c, capsys, [file.split("/")[1], says], timeout=30)
+
+
+@pytest.mark.parametrize("text,says", [('{"r": 4, "r": 8}', "twice"), (b"\xff\xfe{", "UTF-8"),
+                                       ('["not", "an", "object"]', "a JSON object expected")])
+def test_adapter_config_shapes(text, says, models, tmp_path, capsys):
+  c = Hostile(models, tmp_path)
+  file = c.adapter / "adapter_config.json"
+  file.write_bytes(text if isinstance(text, bytes) else text.encode())
+  refused(c, capsys, [str(file), says])
+
+
+@pytest.mark.parametrize("pattern", ["(a+)+$", "(.*a){12}", "(q|q_|_p)*roj", "(x*)*y", ".*.*.*.*v_proj",
+                                     r"(\w+)\1", "q{2000}"])
+def test_pathological_regexes_are_refused_at_once(pattern, models, tmp_path, capsys):
+  c = Hostile(models, tmp_path)
+  _edit_json(c.adapter / "adapter_config.json", rank_pattern={pattern: 4})
+  refused(c, capsys, ["rank_pattern expected"], timeout=10)
+
+
+def test_peft_pattern_semantics_are_kept():
+  """The accepted patterns match exactly as PEFT's get_pattern_key does."""
+  from peft.utils.other import get_pattern_key
+  from crosslora_jax.formats import peft_format
+  patterns = {"q_proj": 4, r"layers\.1\.self_attn\.v_proj": 6, "^model.layers.0.mlp": 2, "(k|o)_proj": 3}
+  for path in ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj",
+               "model.layers.0.self_attn.v_proj", "model.layers.0.mlp.up_proj", "model.layers.2.self_attn.o_proj"]:
+    want = patterns.get(get_pattern_key(list(patterns), path), 8)
+    assert peft_format.pattern_value(patterns, path, 8) == want, path
+
+
+def test_legacy_bin_that_is_no_state_dict(models, tmp_path, capsys):
+  import torch
+  for i, payload in enumerate([[1, 2, 3], {"base_model.model.x.lora_A.weight": [1.0]},
+                               {"base_model.model.x.lora_A.weight": torch.zeros(2, dtype=torch.int8)}]):
+    c = Hostile(models, tmp_path / str(i))
+    (c.adapter / "adapter_model.safetensors").unlink()
+    torch.save(payload, c.adapter / "adapter_model.bin")
+    refused(c, capsys, [str(c.adapter / "adapter_model.bin")])
+
+
+@pytest.mark.parametrize("flag", [["--seed", str(2**70)], ["--seed", str(-(2**64))], ["--rank", str(2**40)],
+                                  ["--anchor_threshold", "nan"], ["--chunk_layers", str(2**65)]])
+def test_flag_values_beyond_their_bounds(flag, models, tmp_path, capsys):
+  c = Hostile(models, tmp_path)
+  c.extra += flag
+  refused(c, capsys, [flag[0]])
+
+
+# --- 5. keys mean what PEFT means; base dtypes --------------------------------------------------
+
+def _add_alias(old: str, new: str):
+  def edit(tensors):
+    for key in [k for k in tensors if old in k]:
+      tensors[key.replace(old, new)] = tensors[key] * 2
+  return edit
+
+
+@pytest.mark.parametrize("old,new,says", [
+    ("layers.0.", "layers.00.", "'00'"),
+    ("layers.1.", "layers.\u0661.", "'\u0661'"),
+    ("layers.1.", "layers.+1.", "'+1'"),
+    ("lora_A.weight", "lora_A.default.weight", "adapter name inside the key"),
+    ("lora_B.weight", "lora_B.other.weight", "adapter name inside the key"),
+])
+def test_keys_peft_would_read_as_other_modules_are_refused(old, new, says, models, tmp_path, capsys):
+  c = Hostile(models, tmp_path)
+  _edit_tensors(c.adapter / "adapter_model.safetensors", _add_alias(old, new))
+  refused(c, capsys, [new.strip("."), says])
+
+
+def test_peft_itself_reads_those_keys_as_other_modules(models):
+  """Why they are refused: PEFT ignores ``layers.00`` (no such module) and loads ``lora_A.default.weight``
+  onto the very parameter ``lora_A.weight`` goes to, so one of two different tensors silently wins."""
+  import fixtures
+  import torch
+  from peft import PeftModel
+  from peft.utils.save_and_load import set_peft_model_state_dict
+  model = PeftModel.from_pretrained(fixtures.make_model("llama", None, num_hidden_layers=2), str(models / "ad"))
+  state = {k: torch.from_numpy(v.copy()) for k, v in load_file(str(models / "ad" / "adapter_model.safetensors")).items()}
+  padded = {k.replace("layers.0.", "layers.00."): v for k, v in state.items() if "layers.0." in k}
+  result = set_peft_model_state_dict(model, padded)
+  assert sorted(result.unexpected_keys) == sorted(padded)
+  key = f"base_model.model.{Q0}.lora_A.weight"
+  named = {key: state[key], key.replace("lora_A.weight", "lora_A.default.weight"): state[key] * 2}
+  result = set_peft_model_state_dict(model, named)
+  assert result.unexpected_keys == []
+  loaded = dict(model.named_parameters())[key.replace("lora_A.weight", "lora_A.default.weight")]
+  assert torch.equal(loaded, state[key]) or torch.equal(loaded, state[key] * 2)
+
+
+def _retype(key_part: str, dtype):
+  def edit(tensors):
+    for key in [k for k in tensors if key_part in k]:
+      tensors[key] = (tensors[key] * 100).astype(dtype)
+  return edit
+
+
+@pytest.mark.parametrize("dtype,says", [(np.int8, "I8"), (np.int32, "I32"), (np.uint8, "U8"),
+                                        (np.complex64, "C64"), (np.bool_, "BOOL")])
+def test_base_weights_that_are_not_plain_floats(dtype, says, models, tmp_path, capsys):
+  c = Hostile(models, tmp_path)
+  if dtype is np.complex64:  # safetensors' numpy writer has no complex: write the header by hand
+    _write_with_dtype(c.source / "model.safetensors", "q_proj", "C64", 8)
+  else:
+    _edit_tensors(c.source / "model.safetensors", _retype("q_proj", dtype))
+  refused(c, capsys, ["q_proj", says, "float16, bfloat16 or float32 expected"])
+
+
+def test_float8_base_weights_are_refused_with_the_fix(models, tmp_path, capsys):
+  c = Hostile(models, tmp_path)
+  _write_with_dtype(c.target / "model.safetensors", "v_proj", "F8_E4M3", 1)
+  refused(c, capsys, ["v_proj", "F8_E4M3", "float8 weights are not supported", "bfloat16"])
+
+
+def _write_with_dtype(file: pathlib.Path, key_part: str, dtype: str, itemsize: int) -> None:
+  """Rewrites a safetensors file with every ``key_part`` tensor declared as ``dtype`` (zero bytes)."""
+  tensors = load_file(str(file))
+  header, blobs, offset = {}, [], 0
+  for key in sorted(tensors):
+    array = tensors[key]
+    data = (np.zeros(array.size * itemsize, np.uint8).tobytes() if key_part in key
+            else np.ascontiguousarray(array).tobytes())
+    header[key] = {"dtype": dtype if key_part in key else "F32", "shape": list(array.shape),
+                   "data_offsets": [offset, offset + len(data)]}
+    if key_part not in key:
+      assert array.dtype == np.float32
+    blobs.append(data)
+    offset += len(data)
+  text = json.dumps(header).encode()
+  text += b" " * (-len(text) % 8)
+  file.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))

@@ -34,9 +34,10 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LEGACY_WEIGHTS_FILE = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
-# Exactly the keys PEFT's set_peft_model_state_dict loads into a LoRA layer: it inserts the
-# adapter name after "lora_A."/"lora_B.", so "lora_A.<name>.weight" would become
-# "lora_A.default.<name>.weight" and be ignored (utils/save_and_load.py).
+# Exactly the keys PEFT's set_peft_model_state_dict maps onto a LoRA layer for any adapter name
+# (tuners_utils._remap_adapter_state_dict_for_load): "lora_A.weight". A "lora_A.<name>.weight"
+# passes through unchanged, so it loads only under adapter name <name>, onto the same
+# parameter as "lora_A.weight": ambiguous, refused.
 _KEY_RE = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?P<factor>lora_A|lora_B)\.weight$")
 _NAMED_KEY_RE = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?P<factor>lora_A|lora_B)\.[^.]+\.weight$")
 # A module path PEFT can find with named_modules(): attribute names and ModuleList indices
@@ -211,8 +212,8 @@ def _unsupported_reason(key: str, config: Mapping[str, Any]) -> str | None:
 
 
 _BASE_COPY = "a full copy of a base weight (saved with embedding LoRA), which belongs to the source model"
-_NAMED = ("an adapter name inside the key (lora_A.<name>.weight): PEFT saves and loads lora_A.weight only, "
-          "and would ignore this tensor")
+_NAMED = ("an adapter name inside the key (lora_A.<name>.weight): PEFT loads it only when the adapter is loaded "
+          "under that name, and then onto the same parameter as lora_A.weight, so which tensor is meant is ambiguous")
 _NOT_LORA = "not a LoRA factor (expected base_model.model.<module>.lora_A.weight / lora_B.weight)"
 _REASON_ORDER = [why for _, why in _UNSUPPORTED] + [_BASE_COPY, _NAMED, _NOT_LORA]  # most specific first
 
