@@ -13,11 +13,12 @@ together at its end (:func:`adapter_io.transaction`).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import pathlib
 import tempfile
 from collections.abc import Mapping, Sequence
+
+from absl import logging
 
 from crosslora_jax.errors import CrossLoraError
 from crosslora_jax.formats import adapter_io
@@ -100,7 +101,7 @@ def check_cache_folder(cache: Planned, *, explicit: bool) -> pathlib.Path | None
     if explicit:
       raise CrossLoraError(f"{cache.where()}: a writable folder expected, got {why}. Choose another "
                            f"{cache.flag}, or pass --no_cache.") from None
-    logging.warning("%s: %s; running without this cache", cache.where(), why)
+    logging.warning("default cache folder %s (%s): %s; running without this cache", cache.real, cache.flag, why)
     return None
   return cache.real
 

@@ -431,3 +431,95 @@ def _write_with_dtype(file: pathlib.Path, key_part: str, dtype: str, itemsize: i
   text = json.dumps(header).encode()
   text += b" " * (-len(text) % 8)
   file.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+# --- 6. one line, whatever the error ------------------------------------------------------------
+
+def test_a_tensor_name_with_a_newline_stays_one_line(models, tmp_path, capsys):
+  c = Hostile(models, tmp_path)
+  _edit_tensors(c.adapter / "adapter_model.safetensors",
+                lambda t: t.update({"base_model.model.x\nerror: forged.lora_A.weight": np.zeros((4, 4), np.float32)}))
+  line = refused(c, capsys, ["\\nerror: forged"])
+  assert "\x1b" not in line
+
+
+def test_a_path_with_control_characters_stays_one_line(models, tmp_path, capsys):
+  c = Hostile(models, tmp_path)
+  c.adapter = tmp_path / "no\nerror: such\x1b[2J\u2028adapter"
+  refused(c, capsys, ["\\nerror: such\\x1b[2J\\u2028adapter"])
+
+
+def test_a_config_value_with_control_characters_stays_one_line(models, tmp_path, capsys):
+  c = Hostile(models, tmp_path)
+  _edit_json(c.target / "config.json", model_type="llama\r\nerror: forged\x07")
+  refused(c, capsys, ["\\r\\nerror: forged\\x07"])
+
+
+@pytest.mark.parametrize("exc,status", [(RuntimeError("boom\nerror: second line"), 1), (MemoryError(), 1),
+                                        (OSError(5, "Input/output error", "/some/where"), 2),
+                                        (KeyError("x\ny"), 1)])
+def test_unexpected_exceptions_give_one_line(exc, status, models, tmp_path, capsys, monkeypatch):
+  from crosslora_jax.core import engine
+  def broken(*args, **kwargs):
+    raise exc
+  monkeypatch.setattr(engine, "transfer", broken)
+  c = Hostile(models, tmp_path)
+  line = refused(c, capsys, [type(exc).__name__], status=status)
+  assert not c.output.exists()
+  if status == 1:
+    assert "bug" in line
+
+
+@pytest.mark.parametrize("flag,make", [("--cache_dir", "file"), ("--cache_dir", "under_a_file"),
+                                       ("--cache_dir", "unwritable"), ("--xla_cache_dir", "file"),
+                                       ("--xla_cache_dir", "unwritable")])
+def test_unusable_cache_folders_named_by_the_user(flag, make, models, tmp_path, capsys):
+  c = Hostile(models, tmp_path)
+  (tmp_path / "afile").write_text("x")
+  path = {"file": tmp_path / "afile", "under_a_file": tmp_path / "afile" / "cache",
+          "unwritable": pathlib.Path("/proc/crosslora_cache")}[make]
+  c.extra = ["--noprogress", "--method", "truncate_pad", flag, str(path)]
+  c.extra += ["--xla_cache_dir", ""] if flag == "--cache_dir" else ["--cache_dir", str(tmp_path / "subspaces")]
+  refused(c, capsys, [flag, "a writable folder expected", "--no_cache"])
+
+
+def test_an_unusable_default_cache_root_is_skipped_with_a_warning(models, tmp_path, capsys, caplog, monkeypatch):
+  (tmp_path / "afile").write_text("x")
+  monkeypatch.setenv("CROSSLORA_CACHE", str(tmp_path / "afile"))
+  c = Hostile(models, tmp_path)
+  c.extra = ["--noprogress", "--method", "truncate_pad"]
+  rc, _, err = run_in_process(c.args(), capsys)
+  assert rc == 0, err
+  assert "running without this cache" in caplog.text + err and "error:" not in err
+  assert (c.output / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("damage", ["entry_is_a_folder", "model_folder_is_a_file", "entry_is_a_fifo"])
+def test_damaged_cache_entries_are_recomputed(damage, models, tmp_path, capsys):
+  c = Hostile(models, tmp_path)
+  cache_dir = tmp_path / "subspaces"
+  c.extra = ["--noprogress", "--rank", "4", "--cache_dir", str(cache_dir), "--xla_cache_dir", ""]
+  rc, _, err = run_in_process(c.args(), capsys)
+  assert rc == 0, err
+  reference = (c.output / "adapter_model.safetensors").read_bytes()
+  entries = sorted(p for p in cache_dir.rglob("*.safetensors"))
+  assert entries
+  if damage == "entry_is_a_folder":
+    for p in entries:
+      p.unlink()
+      p.mkdir()
+  elif damage == "entry_is_a_fifo":
+    for p in entries:
+      p.unlink()
+      os.mkfifo(p)
+  else:
+    for folder in {p.parent for p in entries}:
+      for p in folder.iterdir():
+        p.unlink()
+      folder.rmdir()
+      folder.write_text("not a folder")
+  c.extra += ["--overwrite"]
+  rc, _, err = run_in_process(c.args(), capsys)
+  assert rc == 0, err
+  assert "Traceback" not in err and "error:" not in err
+  assert (c.output / "adapter_model.safetensors").read_bytes() == reference

@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import stat
 import pathlib
 import tempfile
 from typing import Any
@@ -151,6 +152,8 @@ class SubspaceCache:
     """The cached subspace (numpy float32), or None on a miss or a rejected entry."""
     path = self.path(key)
     try:
+      if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block read_bytes forever
+        return self._reject(path, "not a regular file")
       data = path.read_bytes()
     except FileNotFoundError:
       self.misses += 1
