@@ -335,13 +335,12 @@ def entry_point() -> None:
     status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
   else:
     status = 0
-  if status in (128 + signal.SIGINT, 128 + signal.SIGTERM):
-    # Interrupted: the outputs are settled (all new or none); leave without the interpreter's
-    # shutdown, which would wait on (or tear down under) XLA's running threads.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
-  sys.exit(status)
+  # Every output is settled (all new or none, fsynced): leave without the interpreter's
+  # shutdown, which restores the default signal actions (a SIGTERM then kills the process
+  # after its work is done) and tears down under XLA's still-running threads.
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)
 
 
 if __name__ == "__main__":
