@@ -27,7 +27,7 @@ from safetensors.numpy import save_file
 
 from crosslora_jax.formats import jsonfile, safefiles
 from crosslora_jax.formats.checkpoint import check_finite, check_safetensors_header
-from crosslora_jax.formats.regex_guard import regex_problem
+from crosslora_jax.formats.peft_config import check_config
 from crosslora_jax.errors import CrossLoraError
 
 CONFIG_FILE = "adapter_config.json"
@@ -141,57 +141,6 @@ def targets_module(config: Mapping[str, Any], module_path: str) -> bool:
   return found is not None and int(found.group(1)) in layers
 
 
-def _check_config(config: dict[str, Any], where: pathlib.Path) -> None:
-  """Collects every config problem that would crash or mislead later, then raises once."""
-  problems = []
-  peft_type = str(config.get("peft_type", "LORA")).upper()
-  if peft_type != "LORA":
-    problems.append(f"{where}: peft_type expected LORA, got {peft_type!r}. Only LoRA adapters can be transferred")
-  for field in ("r", "lora_alpha"):
-    value = config.get(field)
-    if field in config and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
-      problems.append(f"{where}: {field} expected a positive number, got {value!r}")
-  if config.get("use_dora"):
-    problems.append(f"{where}: use_dora expected false, got true. DoRA magnitude vectors cannot be transferred; "
-                    "retrain as plain LoRA")
-  target = config.get("target_modules")
-  if target is not None and not isinstance(target, str) and not (
-      isinstance(target, list) and all(isinstance(t, str) for t in target)):
-    problems.append(f"{where}: target_modules expected a list of module names or a regex string, got {target!r}")
-  elif isinstance(target, str):
-    problems += _regex_problems(where, "target_modules", [target])
-  exclude = config.get("exclude_modules")
-  if exclude is not None and not isinstance(exclude, str) and not (
-      isinstance(exclude, list) and all(isinstance(t, str) for t in exclude)):
-    problems.append(f"{where}: exclude_modules expected a list of module names or a regex string, got {exclude!r}")
-  elif isinstance(exclude, str):
-    problems += _regex_problems(where, "exclude_modules", [exclude])
-  layers = config.get("layers_to_transform")
-  if layers is not None and not isinstance(layers, int) and not (
-      isinstance(layers, list) and all(isinstance(i, int) for i in layers)):
-    problems.append(f"{where}: layers_to_transform expected a layer index or a list of them, got {layers!r}")
-  for field in ("rank_pattern", "alpha_pattern"):
-    patterns = config.get(field)
-    if patterns is None:
-      continue
-    if not isinstance(patterns, dict) or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in patterns.values()):
-      problems.append(f"{where}: {field} expected an object of regex -> positive number, got {patterns!r}")
-    else:
-      problems += _regex_problems(where, field, list(patterns))
-  if problems:
-    raise CrossLoraError("; ".join(problems) + ".")
-
-
-def _regex_problems(where: pathlib.Path, field: str, patterns: list[str]) -> list[str]:
-  problems = []
-  for pattern in patterns:
-    why = regex_problem(pattern)
-    if why is not None:
-      problems.append(f"{where}: {field} expected {why}")
-  return problems
-
-
 def _unsupported_reason(key: str, config: Mapping[str, Any]) -> str | None:
   """Why ``key`` is not a plain LoRA factor that can be moved (None: it is one)."""
   reason = next((why for marker, why in _UNSUPPORTED if marker in key), None)
@@ -245,7 +194,7 @@ def read_adapter(path: str | os.PathLike[str], *, skip_unsupported: bool = False
     raise CrossLoraError(f"{path}: adapter folder expected, got {'a file' if path.exists() else 'nothing'}. "
                          f"Pass the folder holding {CONFIG_FILE}.")
   config = jsonfile.read_object(path / CONFIG_FILE, CONFIG_FILE)
-  _check_config(config, path / CONFIG_FILE)
+  check_config(config, path / CONFIG_FILE)
   tensors = _read_tensors(path)
   _check_module_paths(sorted(tensors), path / WEIGHTS_FILE)
   factors: dict[str, dict[str, np.ndarray]] = {}
