@@ -21,9 +21,12 @@ Methods:
 source's |dW_s|/|W_s|; the report lists both ratios either way.
 
 With several --adapter flags, --output gets one subfolder per adapter (named after the
-adapter folder). Outputs are written to a temporary folder, checked, then renamed, so a
-failure leaves nothing half-written. Bad input exits with status 2 and one line naming
-the file, the key and the fix.
+adapter folder). Before any work every output and cache path is resolved and checked
+against the inputs and each other (crosslora_jax/outputs.py: inputs are never written);
+at the end the adapter folder, the report and the Orbax checkpoint are written beside
+their paths, verified, and swapped in together, so a failure leaves none of them new.
+Bad input exits with status 2 and one line naming the file, the key and the fix; an
+unexpected failure exits 1 with one line; SIGINT/SIGTERM exit 130/143 (docs/refusals.md).
 
 --orbax_output also writes each transferred adapter as an Orbax checkpoint of a flax.nnx
 LoRA tree (crosslora_jax.formats.orbax_io; see docs/flax.md), under the same guarantees.
