@@ -6,7 +6,8 @@ Hypothesis mutates one input file per example: a value, key or the raw text of
 line runs in-process on private copies. Allowed outcomes: status 0 with an output that
 reads back as a valid adapter, or status 2 with exactly one ``error:`` line and no
 output; anything else (a traceback, status 1, a second line, a hang) fails. Runs are
-derandomized (same examples every time); set CROSSLORA_FUZZ_EXAMPLES for more.
+derandomized (same examples every time); CROSSLORA_FUZZ_EXAMPLES for more, CROSSLORA_FUZZ_SEED
+for others.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ import tempfile
 import pathlib
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from crosslora_jax.formats import peft_format
 from test_bad_input import models, run_in_process  # noqa: F401  (fixture)
 
 EXAMPLES = int(os.environ.get("CROSSLORA_FUZZ_EXAMPLES", "100"))
+SEED = os.environ.get("CROSSLORA_FUZZ_SEED")  # unset: the same derandomized examples on every run
 OUTCOMES: collections.Counter[str] = collections.Counter()
 
 RAW_TOKENS = ["NaN", "Infinity", "-Infinity", "1e999", "9" * 400, "[" * 200 + "]" * 200, '"\\u0000\\n"',
@@ -88,8 +90,9 @@ TARGETS = ["source/config.json", "target/config.json", "adapter/adapter_config.j
 
 
 @pytest.mark.filterwarnings("ignore")
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=SEED is None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@seed(int(SEED or 0))
 @given(data=st.data())
 def test_mutated_inputs_end_in_success_or_one_line(data, models, capsys):
   work = pathlib.Path(tempfile.mkdtemp(prefix="fuzz-"))
