@@ -145,9 +145,9 @@ def run() -> list[engine.TransferResult]:
   _commit(plan, names, results, config)
   for result in results:
     print(result.report.text())
-  print(f"wrote {_OUTPUT.value}")
+  print(f"wrote {one_line(_OUTPUT.value)}")  # a path may hold a newline: one line each, here too
   if _ORBAX_OUTPUT.value:
-    print(f"wrote {_ORBAX_OUTPUT.value}")
+    print(f"wrote {one_line(_ORBAX_OUTPUT.value)}")
   return results
 
 
