@@ -311,6 +311,16 @@ def test_adapter_config_shapes(text, says, models, tmp_path, capsys):
   refused(c, capsys, [str(file), says])
 
 
+@pytest.mark.parametrize("field,value,says", [("modules_to_save", 1.5, "a list of module names"),
+                                             ("use_dora", "yes", "true or false"), ("r", 4.5, "integer rank"),
+                                             ("use_rslora", "true", "true or false"), ("layers_pattern", 3, "a string"),
+                                             ("base_model_name_or_path", {"a": 1}, "a string or null")])
+def test_adapter_config_fields_of_the_wrong_type(field, value, says, models, tmp_path, capsys):
+  c = Hostile(models, tmp_path)
+  _edit_json(c.adapter / "adapter_config.json", **{field: value})
+  refused(c, capsys, [str(c.adapter / "adapter_config.json"), field, says])
+
+
 @pytest.mark.parametrize("pattern", ["(a+)+$", "(.*a){12}", "(q|q_|_p)*roj", "(x*)*y", ".*.*.*.*v_proj",
                                      r"(\w+)\1", "q{2000}"])
 def test_pathological_regexes_are_refused_at_once(pattern, models, tmp_path, capsys):
