@@ -86,10 +86,8 @@ class TransferResult:
   report: Report
 
   def save(self, folder: str | os.PathLike[str], dtype: Any | None = None) -> None:
-    """Writes the PEFT folder with its README.md model card (as peft's save_pretrained does)."""
-    from crosslora_jax.formats import adapter_io, model_card
-    card = model_card.render(self.report, base_model=self.adapter.config["base_model_name_or_path"])
-    adapter_io.save_adapter(self.adapter, folder, dtype=dtype, readme=card)
+    from crosslora_jax.formats import adapter_io
+    adapter_io.save_result(self, folder, dtype=dtype)  # the CLI's save path and dtype rule
 
 
 class Subspaces:
