@@ -114,8 +114,8 @@ def write_png(file: str | os.PathLike[str], data: bytes) -> pathlib.Path:
 
 
 def _label(name: str) -> str:
-  """A Hub id as it is; a local folder by its last two parts (full paths crowd the title)."""
-  return name if not os.path.isabs(name) else "…/" + "/".join(pathlib.PurePath(name).parts[-2:])
+  """A Hub id as it is; a local folder by its own name (full paths crowd the title)."""
+  return name if not os.path.isabs(name) else pathlib.PurePath(name).name
 
 
 def _as_dict(report: Any) -> dict[str, Any]:
