@@ -37,8 +37,10 @@ def token_weights(scores: np.ndarray, mask: np.ndarray, *, selection: str, fract
   elif selection == "topk":
     keep = max(1, int(round(fraction * n_real)))
     real = scores[mask]
-    # argsort, not a threshold: ties at the threshold would otherwise keep more than `keep`.
-    order = np.argsort(-real, kind="stable")[:keep]
+    # A sort, not a threshold: ties at the threshold would otherwise keep more than `keep`;
+    # ties are broken by a fixed random order, not by position (all-zero scores: a random subset).
+    tie_break = np.random.default_rng(0).random(n_real)
+    order = np.lexsort((tie_break, -real))[:keep]
     chosen = np.zeros(n_real, np.float32)
     chosen[order] = 1.0
     weights[mask] = chosen

@@ -1,0 +1,80 @@
+"""The student's training loop: AdamW on the LoRA factors, held-back checks, best step kept.
+
+A loop of its own rather than ``lm.train.train_lora``: the stopping rule needs the
+held-back check between steps without resetting the optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from crosslora_jax.progress import ProgressBar
+from crosslora_jax.refine import runtime, student
+from crosslora_jax.refine.config import RefineConfig
+
+CHECK = "delta_error"  # lower is better; see student.heldout_metrics
+
+
+@dataclasses.dataclass
+class TrainOutcome:
+  best_lora: Any
+  best_step: int  # 0 = nothing beat the initial adapter
+  losses: list[float]  # (steps,) training loss per step
+  evals: list[dict[str, float]]  # held-back checks, step 0 first
+  check: str = CHECK
+
+
+def _batches(n: int, batch: int, steps: int, seed: int) -> list[np.ndarray]:
+  """``steps`` index arrays of ``batch`` rows: epochs of fresh permutations (rows repeat only across epochs)."""
+  rng = np.random.default_rng(seed + 1)
+  stream: list[int] = []
+  while len(stream) < steps * batch:
+    stream += rng.permutation(n).tolist()
+  return [np.array(stream[i * batch:(i + 1) * batch]) for i in range(steps)]
+
+
+def _evaluate(target: Any, lora: Any, spec: Any, held: student.StudentData, batch: int, step: int) -> dict[str, float]:
+  lp = runtime.batched_logprobs(target, lora, spec, held.ids, held.real, batch=batch)
+  return {"step": step, **student.heldout_metrics(lp, held)}
+
+
+def train_student(target: Any, lora0: Any, spec: Any, train: student.StudentData, held: student.StudentData,
+                  config: RefineConfig, *, progress: bool) -> TrainOutcome:
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  loss_fn = student.make_loss(target, spec, loss=config.loss, anchor=config.anchor)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, config.lr, min(config.warmup, config.steps - 1) if config.steps > 1 else 0,
+                                                config.steps, end_value=0.1 * config.lr)
+  optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+
+  @jax.jit
+  def step_fn(lora, state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(lora, batch)
+    updates, state = optimizer.update(grads, state, lora)
+    return optax.apply_updates(lora, updates), state, loss
+
+  lora, state = lora0, optimizer.init(lora0)
+  evals = [_evaluate(target, lora0, spec, held, config.batch, 0)]
+  best_value, best_step, best_lora = evals[0][CHECK], 0, lora0
+  losses: list[float] = []
+  bar = ProgressBar() if progress else None
+  for step, index in enumerate(_batches(len(train.ids), config.batch, config.steps, config.seed), 1):
+    batch = {k: jnp.asarray(v) for k, v in train.batch(index).items()}
+    lora, state, loss = step_fn(lora, state, batch)
+    losses.append(float(loss))
+    if not np.isfinite(losses[-1]):
+      break  # a diverged run: the best step so far (or the initial adapter) stands
+    if step % config.eval_every == 0 or step == config.steps:
+      evals.append(_evaluate(target, lora, spec, held, config.batch, step))
+      if evals[-1][CHECK] < best_value:
+        best_value, best_step, best_lora = evals[-1][CHECK], step, lora
+    if bar:
+      bar("refine (student training)", step, config.steps)
+  if not config.guard and best_step == 0 and np.isfinite(losses[-1] if losses else np.nan):
+    best_lora, best_step = lora, len(losses)
+  return TrainOutcome(best_lora=best_lora, best_step=best_step, losses=losses, evals=evals)
