@@ -65,12 +65,18 @@ def encode_corpus(corpus: Any, tokenizer: Any, *, max_tokens: int) -> StudentDat
 
 
 def make_loss(lm_obj: Any, spec: Any, *, loss: str, anchor: float):
-  """loss_fn(lora, batch) -> scalar, batch = :meth:`StudentData.batch` as jnp arrays."""
+  """loss_fn(lora, batch, params) -> scalar, batch = :meth:`StudentData.batch` as jnp arrays.
+
+  The base ``params`` are an argument, not a closure: a closed-over pytree would be
+  baked into the compiled step as constants (gigabytes for a real model).
+  """
   import jax.numpy as jnp
   from crosslora_jax.lm import model
 
-  def loss_fn(lora, batch):
-    lp = model.token_logprobs(lm_obj.params, lora, spec, lm_obj.config, batch["ids"], batch["real"])  # (B, T-1)
+  cfg = lm_obj.config
+
+  def loss_fn(lora, batch, params):
+    lp = model.token_logprobs(params, lora, spec, cfg, batch["ids"], batch["real"])  # (B, T-1)
     learn = batch["learn"].astype(jnp.float32)
     change = lp - batch["base_lp"]
     if loss == "delta":

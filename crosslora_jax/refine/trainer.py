@@ -53,8 +53,8 @@ def train_student(target: Any, lora0: Any, spec: Any, train: student.StudentData
   optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
 
   @jax.jit
-  def step_fn(lora, state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(lora, batch)
+  def step_fn(lora, state, params, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(lora, batch, params)
     updates, state = optimizer.update(grads, state, lora)
     return optax.apply_updates(lora, updates), state, loss
 
@@ -65,7 +65,7 @@ def train_student(target: Any, lora0: Any, spec: Any, train: student.StudentData
   bar = ProgressBar() if progress else None
   for step, index in enumerate(_batches(len(train.ids), config.batch, config.steps, config.seed), 1):
     batch = {k: jnp.asarray(v) for k, v in train.batch(index).items()}
-    lora, state, loss = step_fn(lora, state, batch)
+    lora, state, loss = step_fn(lora, state, target.params, batch)
     losses.append(float(loss))
     if not np.isfinite(losses[-1]):
       break  # a diverged run: the best step so far (or the initial adapter) stands
