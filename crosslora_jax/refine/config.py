@@ -14,6 +14,7 @@ from crosslora_jax.errors import CrossLoraError, collect_and_raise
 from crosslora_jax.refine.select import SELECTIONS
 
 LOSSES = ("nll", "delta")
+CHECKS = {"agreement": +1, "delta_error": -1, "nll_selected": -1}  # held-back check -> sign of "better"
 DTYPES = ("float32", "bfloat16")
 
 
@@ -33,8 +34,9 @@ class RefineConfig:
   (``fraction`` for top-k), plus ``anchor`` × squared log-prob change against the
   target base on the tokens not chosen; ``"delta"`` matches the student's log-prob
   change against its base to the teacher's carried score on every token.
-  ``eval_every``: steps between held-back checks (the best one is kept);
-  ``guard``: return the initial adapter when the held-back check says refine hurts.
+  ``check``: the held-back measure that picks the best evaluated step (see
+  ``student.heldout_metrics``); ``eval_every``: steps between checks;
+  ``guard``: return the initial adapter when no evaluated step beats it on ``check``.
   """
 
   tokens: int = 32768
@@ -55,6 +57,7 @@ class RefineConfig:
   rank: int | None = None
   alpha: float | None = None
   target_modules: tuple[str, ...] | None = None
+  check: str = "agreement"
   eval_every: int = 8
   guard: bool = True
   dtype: str = "float32"
@@ -95,6 +98,8 @@ class RefineConfig:
       problems.append(f"selection: one of {', '.join(SELECTIONS)} expected, got {self.selection!r}")
     if self.loss not in LOSSES:
       problems.append(f"loss: one of {', '.join(LOSSES)} expected, got {self.loss!r}")
+    if self.check not in CHECKS:
+      problems.append(f"check: one of {', '.join(CHECKS)} expected, got {self.check!r}")
     if self.dtype not in DTYPES:
       problems.append(f"dtype: one of {', '.join(DTYPES)} expected, got {self.dtype!r}")
     if self.target_modules is not None and (not isinstance(self.target_modules, tuple) or not self.target_modules

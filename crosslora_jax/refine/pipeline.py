@@ -62,7 +62,8 @@ def _split(n: int, config: RefineConfig) -> tuple[np.ndarray, np.ndarray]:
 
 def prepare_student(target: Any, corpus: teacher.Corpus, config: RefineConfig) -> tuple[student.StudentData, student.StudentData, dict]:
   """(train, held-back) student data with weights and the target base's log-probs filled in."""
-  data = student.encode_corpus(corpus, target.tokenizer, max_tokens=4 * config.sample_tokens + 64)
+  data = student.encode_corpus(corpus, target.tokenizer,
+                               max_tokens=min(4 * config.sample_tokens + 64, target.config.max_positions))
   train_rows, held_rows = _split(len(corpus.texts), config)
   data.weights = np.zeros_like(data.target)
   data.weights[train_rows] = token_weights(data.target[train_rows], data.learn[train_rows],

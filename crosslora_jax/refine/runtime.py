@@ -73,6 +73,16 @@ def sequence_logprobs(lm_obj: Any, rows: Sequence[Sequence[int]], *, batch: int,
   return [out[i, :max(len(r) - 1, 0)] for i, r in enumerate(rows)]
 
 
+def _generate_fn():
+  """The runtime's sampler when it has one, else refine's own (same keyword arguments)."""
+  try:
+    from crosslora_jax.lm.sample import generate as runtime_generate
+    return runtime_generate
+  except ImportError:
+    from crosslora_jax.refine.sampling import generate as own_generate
+    return own_generate
+
+
 def generate(lm_obj: Any, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float, top_p: float,
              seed: int, eos_ids: list[int], progress: bool, chunk: int = 32) -> list[list[int]]:
   """New token ids per prompt, sampled in chunks of ``chunk`` prompts (seed + chunk index each)."""
@@ -80,8 +90,8 @@ def generate(lm_obj: Any, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens
   outputs: list[list[int]] = []
   for index, start in enumerate(range(0, len(prompt_ids), chunk)):
     part = [list(p) for p in prompt_ids[start:start + chunk]]
-    outputs += lm_obj.generate(part, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                               seed=seed * 100_003 + index, eos_ids=eos_ids)
+    outputs += _generate_fn()(lm_obj, part, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              seed=seed * 100_003 + index, eos_ids=eos_ids)
     if bar:
       bar("teacher writes", len(outputs), len(prompt_ids))
   return outputs

@@ -13,9 +13,7 @@ import numpy as np
 
 from crosslora_jax.progress import ProgressBar
 from crosslora_jax.refine import runtime, student
-from crosslora_jax.refine.config import RefineConfig
-
-CHECK = "delta_error"  # lower is better; see student.heldout_metrics
+from crosslora_jax.refine.config import CHECKS, RefineConfig
 
 
 @dataclasses.dataclass
@@ -24,7 +22,7 @@ class TrainOutcome:
   best_step: int  # 0 = nothing beat the initial adapter
   losses: list[float]  # (steps,) training loss per step
   evals: list[dict[str, float]]  # held-back checks, step 0 first
-  check: str = CHECK
+  check: str
 
 
 def _batches(n: int, batch: int, steps: int, seed: int) -> list[np.ndarray]:
@@ -59,8 +57,9 @@ def train_student(target: Any, lora0: Any, spec: Any, train: student.StudentData
     return optax.apply_updates(lora, updates), state, loss
 
   lora, state = lora0, optimizer.init(lora0)
+  sign = CHECKS[config.check]
   evals = [_evaluate(target, lora0, spec, held, config.batch, 0)]
-  best_value, best_step, best_lora = evals[0][CHECK], 0, lora0
+  best_value, best_step, best_lora = sign * evals[0][config.check], 0, lora0
   losses: list[float] = []
   bar = ProgressBar() if progress else None
   for step, index in enumerate(_batches(len(train.ids), config.batch, config.steps, config.seed), 1):
@@ -71,10 +70,11 @@ def train_student(target: Any, lora0: Any, spec: Any, train: student.StudentData
       break  # a diverged run: the best step so far (or the initial adapter) stands
     if step % config.eval_every == 0 or step == config.steps:
       evals.append(_evaluate(target, lora, spec, held, config.batch, step))
-      if evals[-1][CHECK] < best_value:
-        best_value, best_step, best_lora = evals[-1][CHECK], step, lora
+      value = sign * evals[-1][config.check]
+      if np.isfinite(value) and value > best_value:
+        best_value, best_step, best_lora = value, step, lora
     if bar:
       bar("refine (student training)", step, config.steps)
   if not config.guard and best_step == 0 and np.isfinite(losses[-1] if losses else np.nan):
     best_lora, best_step = lora, len(losses)
-  return TrainOutcome(best_lora=best_lora, best_step=best_step, losses=losses, evals=evals)
+  return TrainOutcome(best_lora=best_lora, best_step=best_step, losses=losses, evals=evals, check=config.check)
