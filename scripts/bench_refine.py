@@ -112,12 +112,22 @@ def run_arm(name: str, args, state: dict[str, Any]) -> dict[str, Any]:
   result = refine_adapter(state["source_dir"], source_adapter, state["target_dir"], init, config,
                           progress=True, target_lm=state["target_lm"])
   refine_seconds = time.perf_counter() - t0
-  from crosslora_jax.lm.lora import lora_from_peft
-  lora, spec = lora_from_peft(result.adapter, state["target_lm"].config)
   t0 = time.perf_counter()
-  per_block = block_nll(state["target_lm"], lora, spec, state["blocks"])
-  return {"arm": name, "pair": f"{args.source}:{args.target}", "overrides": ARMS[name], "nll_blocks": per_block.tolist(),
-          "refine_seconds": refine_seconds, "eval_seconds": time.perf_counter() - t0, "report": result.report,
+  # Every checked step's NLL (step 0 of a zero init is the base): how well each held-back
+  # check would have picked, measured instead of guessed.
+  by_step = {}
+  for step, step_lora in result.checkpoints:
+    if step == 0 and init is None:
+      by_step["0"] = state["base_blocks"]
+      continue
+    by_step[str(step)] = block_nll(state["target_lm"], step_lora, result.spec, state["blocks"]).tolist()
+    log(f"{name}: step {step}: NLL {np.mean(by_step[str(step)]):.4f}")
+  shipped_step = str(result.report["best_step"] if result.refined else 0)
+  per_block = np.asarray(by_step[shipped_step]) if shipped_step in by_step else block_nll(
+      state["target_lm"], result.lora, result.spec, state["blocks"])
+  eval_seconds = time.perf_counter() - t0
+  return {"nll_by_step": by_step, "arm": name, "pair": f"{args.source}:{args.target}", "overrides": ARMS[name], "nll_blocks": per_block.tolist(),
+          "refine_seconds": refine_seconds, "eval_seconds": eval_seconds, "report": result.report,
           "refined": result.refined, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
           "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "command": " ".join(sys.argv)}
@@ -193,13 +203,16 @@ def run(args, cache_dir: pathlib.Path) -> None:
   state["target_lm"] = runtime.load_lm(state["target_dir"], None, "float32")
   state["blocks"] = heldout_ids(state["target_dir"], args.blocks)
   base_file = cache_dir / "bases" / f"{args.pair.replace(':', '-')}-{args.blocks}.json"
-  if not base_file.exists():
+  if base_file.exists():
+    state["base_blocks"] = json.loads(base_file.read_text())["nll_blocks"]
+  else:
     t0 = time.perf_counter()
     per_block = block_nll(state["target_lm"], None, None, state["blocks"])
     ref = trained_reference(args.target, args.blocks)
     base_file.write_text(json.dumps({"pair": args.pair, "blocks": args.blocks, "nll_blocks": per_block.tolist(),
                                      "base_nll": float(per_block.mean()), "base_nll_reference": ref["base_nll"],
                                      "trained_nll": ref["trained_nll"], "seconds": time.perf_counter() - t0}))
+    state["base_blocks"] = per_block.tolist()
     log(f"base NLL {per_block.mean():.4f} (reference {ref['base_nll']:.4f}) in {time.perf_counter() - t0:.0f} s")
   for name in args.arms.split(","):
     config, _ = arm_config(name, args)

@@ -27,6 +27,8 @@ class RefineResult:
   refined: bool  # False when the guard returned the initial adapter
   report: dict[str, Any]
   lora: Any = None  # the shipped factors (LoraParams)
+  spec: Any = None  # their LoraSpec
+  checkpoints: list = dataclasses.field(default_factory=list)  # (step, LoraParams) at every held-back check
 
 
 def _read(adapter: Any) -> peft_format.PeftAdapter:
@@ -125,4 +127,5 @@ def refine_adapter(source_folder: Any, source_adapter: Any, target_folder: Any, 
             "guard": (f"held-back {outcome.check} improved at step {outcome.best_step}" if outcome.best_step > 0 else
                       f"no evaluated step improved the held-back {outcome.check}: the initial adapter ships"),
             "seconds": phases}
-  return RefineResult(adapter=adapter, refined=refined, report=report, lora=lora)
+  return RefineResult(adapter=adapter, refined=refined, report=report, lora=lora, spec=spec,
+                      checkpoints=outcome.checkpoints)

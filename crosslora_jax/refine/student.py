@@ -64,7 +64,7 @@ def encode_corpus(corpus: Any, tokenizer: Any, *, max_tokens: int) -> StudentDat
   return StudentData(ids, real, learn, target)
 
 
-def make_loss(lm_obj: Any, spec: Any, *, loss: str, anchor: float):
+def make_loss(cfg: Any, spec: Any, *, loss: str, anchor: float):
   """loss_fn(lora, batch, params) -> scalar, batch = :meth:`StudentData.batch` as jnp arrays.
 
   The base ``params`` are an argument, not a closure: a closed-over pytree would be
@@ -72,8 +72,6 @@ def make_loss(lm_obj: Any, spec: Any, *, loss: str, anchor: float):
   """
   import jax.numpy as jnp
   from crosslora_jax.lm import model
-
-  cfg = lm_obj.config
 
   def loss_fn(lora, batch, params):
     lp = model.token_logprobs(params, lora, spec, cfg, batch["ids"], batch["real"])  # (B, T-1)
