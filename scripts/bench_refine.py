@@ -87,7 +87,7 @@ def arm_config(name: str, args) -> tuple[Any, dict[str, Any]]:
   from crosslora_jax.refine import RefineConfig
   overrides = dict(ARMS[name])
   extra = {k: overrides.pop(k) for k in ("init", "null") if k in overrides}
-  budget = {k: getattr(args, k) for k in ("tokens", "sample_tokens", "steps", "batch", "lr", "seed") if getattr(args, k) is not None}
+  budget = {k: getattr(args, k) for k in ("tokens", "sample_tokens", "steps", "batch", "lr", "seed", "eval_every") if getattr(args, k) is not None}
   return RefineConfig(**{**budget, **overrides, "cache_dir": str(pathlib.Path(args.cache_dir) / "corpus")}), extra
 
 
@@ -180,7 +180,8 @@ def main(argv=None) -> int:
   p.add_argument("--pair", default="smollm2:qwen05", help="source:target short names (" + ", ".join(MODELS) + ")")
   p.add_argument("--arms", default="topk30,null", help="comma list of " + ", ".join(ARMS))
   p.add_argument("--blocks", type=int, default=32, help="held-out pydoc blocks of 128 tokens")
-  for flag, kind in (("tokens", int), ("sample_tokens", int), ("steps", int), ("batch", int), ("lr", float), ("seed", int)):
+  for flag, kind in (("tokens", int), ("sample_tokens", int), ("steps", int), ("batch", int), ("lr", float), ("seed", int),
+                     ("eval_every", int)):
     p.add_argument(f"--{flag}", type=kind, default=None, help=f"RefineConfig.{flag} for every arm (default: RefineConfig's)")
   p.add_argument("--cache_dir", default=str(REPO / ".cache" / "bench_refine"))
   p.add_argument("--out", default=str(REPO / "results"))

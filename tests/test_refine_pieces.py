@@ -168,3 +168,45 @@ def test_prompts_errors_are_one_line(tmp_path, content, match):
   with pytest.raises(CrossLoraError, match=match) as info:
     read_prompts(path)
   assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def _runtime_tokenizer(name):
+  from crosslora_bench import zoo
+  from crosslora_jax.lm.tokenizer import Tokenizer
+  folder = zoo.model_path(name)
+  if folder is None:
+    pytest.skip(f"{name} not fetched")
+  return Tokenizer.from_folder(folder)
+
+
+def test_render_prompt_uses_each_models_chat_template():
+  from crosslora_jax.refine.prompts import render_prompt
+  smol, qwen = _runtime_tokenizer("smollm2-135m"), _runtime_tokenizer("qwen2.5-coder-0.5b")
+  s_text, s_applied = render_prompt(smol, "Sort a list.")
+  q_text, q_applied = render_prompt(qwen, "Sort a list.")
+  assert s_applied and q_applied and s_text != q_text
+  assert "Sort a list." in s_text and "<|im_start|>assistant" in q_text
+  assert render_prompt(qwen, "") == ("", False)  # from the separator token: no template
+
+
+def test_student_learns_only_the_continuation_under_its_own_template():
+  from crosslora_jax.refine import student
+  from crosslora_jax.refine.prompts import render_prompt
+  from crosslora_jax.refine.teacher import Corpus
+  smol, qwen = _runtime_tokenizer("smollm2-135m"), _runtime_tokenizer("qwen2.5-coder-0.5b")
+  prompt, continuation = "Sort a list.", "Use sorted(items) to get a new list."
+  rendered = render_prompt(smol, prompt)[0]
+  text = rendered + continuation
+  ids, spans = smol.encode_with_offsets(text)
+  scores = [1.0 if start >= len(rendered) and end > start else 0.0 for start, end in spans]
+  corpus = Corpus(texts=[text], prompt_chars=[len(rendered)], prompts=[prompt], spans=[spans], scores=[scores])
+  data = student.encode_corpus(corpus, qwen, max_tokens=256)
+  s_ids, s_spans = qwen.encode_with_offsets(render_prompt(qwen, prompt)[0] + continuation)
+  n = len(s_ids)
+  np.testing.assert_array_equal(data.ids[0, :n], s_ids)
+  own = len(render_prompt(qwen, prompt)[0])
+  expected_learn = [start >= own and end > start for start, end in s_spans[1:]]
+  np.testing.assert_array_equal(data.learn[0, :n - 1], expected_learn)
+  # Every teacher score sits on the continuation, so the student's carried scores add up to it.
+  np.testing.assert_allclose(data.target[0].sum(), sum(scores), rtol=1e-6)
+  assert not data.target[0, :n - 1][~np.asarray(expected_learn)].any()

@@ -54,3 +54,33 @@ def read_prompts(path: str | os.PathLike[str]) -> list[str]:
   if all(line.lstrip().startswith("{") for _, line in lines):
     return [_jsonl_prompt(line, file, n) for n, line in lines]
   return [line.strip() for _, line in lines]
+
+
+def render_prompt(tokenizer, prompt: str) -> tuple[str, bool]:
+  """``prompt`` as a user turn in the tokenizer's chat template (generation prompt added), if it has one.
+
+  Returns (text, applied). The template is rendered with jinja2 in its sandbox, as
+  transformers does; without a template, without jinja2, or for an empty prompt (the
+  teacher writes from its separator token) the prompt is used as it is.
+  """
+  template = getattr(tokenizer, "chat_template", None)
+  if not prompt or not template:
+    return prompt, False
+  try:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+  except ImportError:
+    return prompt, False
+  def token_text(token_id):
+    return tokenizer.id_to_token(token_id) if token_id is not None else ""
+  try:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    text = env.from_string(template).render(messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            bos_token=token_text(tokenizer.bos_id), eos_token=token_text(tokenizer.eos_id))
+  except Exception as e:  # a template is user data: any failure is theirs to fix
+    raise CrossLoraError(f"{getattr(tokenizer, 'folder', 'tokenizer')}: a chat template that renders one user turn expected, "
+                         f"got {type(e).__name__}: {e}. Fix the template or pass prompts without one.") from None
+  bos = token_text(tokenizer.bos_id)
+  # The template writes BOS as text; encoding adds it again when the tokenizer does.
+  if bos and getattr(tokenizer, "adds_bos", False) and text.startswith(bos):
+    text = text[len(bos):]
+  return text, True

@@ -38,14 +38,32 @@ class StudentData:
             "weights": part.weights, "base_lp": part.base_lp}
 
 
+def _shift(spans, by: int) -> np.ndarray:
+  """Spans of a text → spans of its suffix from character ``by`` (tokens before it become empty)."""
+  array = np.asarray(spans, np.int64).reshape(-1, 2) - by
+  return np.maximum(array, 0)
+
+
 def encode_corpus(corpus: Any, tokenizer: Any, *, max_tokens: int) -> StudentData:
-  """Tokenizes the teacher texts for the student and carries the teacher's scores onto its tokens."""
+  """Tokenizes the teacher texts for the student and carries the teacher's scores onto its tokens.
+
+  The continuation is the same text for both; the prompt is rendered in each model's own
+  chat template (when prompts came with one), so scores are carried on the continuation.
+  """
+  from crosslora_jax.refine.prompts import render_prompt
   rows, learn_rows, target_rows = [], [], []
-  for text, p_chars, spans, scores in zip(corpus.texts, corpus.prompt_chars, corpus.spans, corpus.scores):
-    ids, offsets = tokenizer.encode_with_offsets(text)
+  for text, p_chars, prompt, spans, scores in zip(corpus.texts, corpus.prompt_chars, corpus.prompts, corpus.spans,
+                                                  corpus.scores):
+    continuation = text[p_chars:]
+    student_prompt = render_prompt(tokenizer, prompt)[0]
+    own_chars = len(student_prompt)
+    ids, offsets = tokenizer.encode_with_offsets(student_prompt + continuation)
     ids, offsets = ids[:max_tokens], offsets[:max_tokens]
-    carried = carry_scores(scores, spans, offsets, text_len=len(text)) if offsets else np.zeros(0)
-    learnable = np.array([end > start and start >= p_chars for start, end in offsets], bool)
+    if offsets:
+      carried = carry_scores(scores, _shift(spans, p_chars), _shift(offsets, own_chars), text_len=len(continuation))
+    else:
+      carried = np.zeros(0)
+    learnable = np.array([end > start and start >= own_chars for start, end in offsets], bool)
     rows.append(ids)
     learn_rows.append(learnable[1:])
     target_rows.append(carried[1:])
