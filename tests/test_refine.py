@@ -60,3 +60,19 @@ def test_refine_from_an_init_adapter_keeps_its_spec(models, tmp_path):
     assert min(checks[1:]) >= checks[0]
     for path, pair in init.modules.items():
       np.testing.assert_allclose(out.adapter.modules[path].b_or, pair.b_or, rtol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["source", "target"])
+def test_a_model_without_tokenizer_is_one_line_before_any_work(models, tmp_path, which):
+  import shutil
+  from crosslora_jax.errors import CrossLoraError
+  folders = {"source": models / "source", "target": models / "target"}
+  bare = tmp_path / which
+  shutil.copytree(folders[which], bare)
+  (bare / "tokenizer.json").unlink()
+  folders[which] = bare
+  with pytest.raises(CrossLoraError) as info:
+    refine_adapter(folders["source"], models / "adapter", folders["target"], None,
+                   _config(models, cache_dir=str(tmp_path / "cache")), progress=False)
+  assert "tokenizer" in str(info.value) and "\n" not in str(info.value)
+  assert not (tmp_path / "cache").exists()  # nothing sampled, nothing cached

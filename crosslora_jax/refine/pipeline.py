@@ -99,7 +99,13 @@ def refine_adapter(source_folder: Any, source_adapter: Any, target_folder: Any, 
     raise CrossLoraError(f"config: a RefineConfig expected, got {type(config).__name__}.")
   started = time.perf_counter()
   source = _read(source_adapter)
+  from crosslora_jax.lm.tokenizer import Tokenizer
+  # Both tokenizers and the student's start are checked before minutes of sampling.
+  Tokenizer.from_folder(source_folder)
   phases: dict[str, float] = {}
+  target = target_lm or runtime.load_lm(target_folder, None, config.dtype)
+  target.tokenizer  # noqa: B018 - raises the one-line error for a target without a tokenizer
+  lora0, spec, init_kind = _initial(target, init_adapter, source, config)
   if source_lm is None and config.use_cache:
     corpus, corpus_info = teacher.build_corpus(source_folder, source, config, progress=progress)
   else:
@@ -107,9 +113,7 @@ def refine_adapter(source_folder: Any, source_adapter: Any, target_folder: Any, 
     corpus, corpus_info = teacher.build_corpus(source_folder, source, config, progress=progress, teacher=source_lm)
   phases["teacher"] = corpus_info["seconds"]
   t0 = time.perf_counter()
-  target = target_lm or runtime.load_lm(target_folder, None, config.dtype)
   train, held, tokens_info = prepare_student(target, corpus, config)
-  lora0, spec, init_kind = _initial(target, init_adapter, source, config)
   phases["student_data"] = time.perf_counter() - t0
   t0 = time.perf_counter()
   outcome = train_student(target, lora0, spec, train, held, config, progress=progress)
