@@ -74,13 +74,10 @@ def sequence_logprobs(lm_obj: Any, rows: Sequence[Sequence[int]], *, batch: int,
 
 
 def _generate_fn():
-  """The runtime's sampler when it has one, else refine's own (same keyword arguments)."""
-  try:
-    from crosslora_jax.lm.sample import generate as runtime_generate
-    return runtime_generate
-  except ImportError:
-    from crosslora_jax.refine.sampling import generate as own_generate
-    return own_generate
+  """refine's own sampler: its nucleus draw needs no vocabulary sort (``lm.sample`` sorts; on
+  2 CPU cores at batch 32 over 49k tokens that is 3.9 s per step against 0.32 s)."""
+  from crosslora_jax.refine.sampling import generate as own_generate
+  return own_generate
 
 
 def generate(lm_obj: Any, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float, top_p: float,
