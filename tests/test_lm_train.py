@@ -199,3 +199,181 @@ def test_quiet_without_a_terminal(capfd):
   fit(_weighted_loss, lora, _sampler(x, y, w, config), config, progress=True)
   captured = capfd.readouterr()
   assert captured.err == "" and captured.out == ""
+
+
+# --- train_lora on tiny fixture models (real transformers + peft on the other side) -----------------
+
+TINY_VOCAB = 128
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+  from fixtures import make_model
+
+  folders = {}
+  for kind in ("llama", "qwen2", "gpt2"):
+    folder = tmp_path_factory.mktemp(f"tiny-{kind}")
+    make_model(kind, folder, seed=0)
+    folders[kind] = folder
+  return folders
+
+
+def _tiny_blocks(seed=0, n=12, length=16):
+  return np.random.default_rng(seed).integers(0, TINY_VOCAB, size=(n, length))
+
+
+def _spec(kind, **kwargs):
+  from fixtures import DEFAULT_MODULES, LORA_MODULES
+
+  from crosslora_jax.lm import LoraSpec
+
+  return LoraSpec(r=4, alpha=8, target_modules=tuple(LORA_MODULES.get(kind, DEFAULT_MODULES)),
+                  fan_in_fan_out=kind == "gpt2", **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_trained_adapter_loads_in_peft_with_the_same_logits(tiny_models, tmp_path, kind):
+  import torch
+  from peft_helpers import load_with_adapter
+
+  from crosslora_jax import lm as jlm
+  from crosslora_jax.lm.train import train_lora
+
+  model = jlm.load(tiny_models[kind])
+  config = TrainConfig(steps=12, batch=4, lr=2e-2, warmup=2, grad_accum=2)
+  out = tmp_path / "adapter"
+  result = train_lora(model, _tiny_blocks(), config, spec=_spec(kind), progress=False, output=out)
+  assert result.path == out and sorted(p.name for p in out.iterdir()) == ["adapter_config.json",
+                                                                           "adapter_model.safetensors"]
+  assert np.mean(result.losses[-3:]) < np.mean(result.losses[:3])
+  peft_model, caught = load_with_adapter(tiny_models[kind], out)
+  assert caught == []
+  ids = _tiny_blocks(seed=9, n=2, length=12)
+  with torch.no_grad():
+    theirs = peft_model(input_ids=torch.tensor(ids)).logits.numpy()
+    with peft_model.disable_adapter():
+      base = peft_model(input_ids=torch.tensor(ids)).logits.numpy()
+  ours = np.asarray(model.with_lora(result.lora, result.spec).logits(ids))
+  assert np.abs(theirs - base).max() > 1e-2  # the adapter acts at all
+  np.testing.assert_allclose(ours, theirs, atol=1e-4 * np.abs(theirs).max())
+  assert np.abs(ours - np.asarray(model.logits(ids))).max() > 1e-2
+
+
+def test_default_loss_is_the_weighted_next_token_nll(tiny_models):
+  from crosslora_jax import lm as jlm
+  from crosslora_jax.lm.train import block_sampler, train_lora
+
+  model = jlm.load(tiny_models["llama"])
+  blocks = _tiny_blocks(seed=1)
+  weights = np.random.default_rng(2).uniform(0.0, 1.0, size=blocks.shape).astype(np.float32)
+  weights[:, 5:9] = 0.0
+  config = TrainConfig(steps=1, batch=4, lr=1e-3)
+  spec = _spec("llama")
+  result = train_lora(model, blocks, config, weights=weights, spec=spec, progress=False)
+  batch = block_sampler(blocks.astype(np.int32), weights, config)(0)
+  logprobs = np.asarray(model.token_logprobs(batch["ids"]), np.float64)  # the init LoRA has B = 0: the base
+  target_weights = batch["weights"][:, 1:]
+  expect = -(logprobs * target_weights).sum() / target_weights.sum()
+  assert result.losses[0] == pytest.approx(expect, rel=1e-5)
+  assert result.losses[0] != pytest.approx(float(model.nll(batch["ids"]).mean()), rel=1e-4)
+
+
+def test_train_lora_is_bit_deterministic(tiny_models):
+  from crosslora_jax import lm as jlm
+  from crosslora_jax.lm.train import train_lora
+
+  model = jlm.load(tiny_models["qwen2"])
+  config = TrainConfig(steps=4, batch=4, lr=1e-2, grad_accum=2, seed=3)
+  runs = [train_lora(model, _tiny_blocks(), config, spec=_spec("qwen2"), progress=False) for _ in range(2)]
+  assert runs[0].losses == runs[1].losses
+  for path, pair in runs[0].adapter.modules.items():
+    other = runs[1].adapter.modules[path]
+    assert pair.a_ri.tobytes() == other.a_ri.tobytes() and pair.b_or.tobytes() == other.b_or.tobytes()
+  third = train_lora(model, _tiny_blocks(), TrainConfig(steps=4, batch=4, lr=1e-2, grad_accum=2, seed=4),
+                     spec=_spec("qwen2"), progress=False)
+  assert third.losses != runs[0].losses
+
+
+def test_continue_from_a_loaded_adapter_and_from_init(tiny_models, tmp_path):
+  from fixtures import make_adapter, make_model
+
+  from crosslora_jax import lm as jlm
+  from crosslora_jax.lm.train import train_lora
+
+  adapter_dir = tmp_path / "start"
+  make_adapter(make_model("llama"), adapter_dir, kind="llama", r=4, alpha=8)
+  model = jlm.load(tiny_models["llama"], adapter=adapter_dir)
+  config = TrainConfig(steps=2, batch=4, lr=1e-3)
+  resumed = train_lora(model, _tiny_blocks(), config, progress=False)
+  assert resumed.spec == model.spec
+  assert resumed.losses[0] == pytest.approx(float(model.nll(_first_batch(config)).mean()), rel=1e-5)
+  explicit = train_lora(model.with_lora(None, None), _tiny_blocks(), config, init=model.lora, spec=model.spec,
+                        progress=False)
+  assert explicit.losses == resumed.losses
+
+
+def _first_batch(config):
+  from crosslora_jax.lm.train import block_sampler
+
+  blocks = _tiny_blocks().astype(np.int32)
+  return block_sampler(blocks, np.ones(blocks.shape, np.float32), config)(0)["ids"]
+
+
+def test_custom_loss_fn_and_batch_list(tiny_models):
+  from crosslora_jax import lm as jlm
+  from crosslora_jax.lm import model as lm_model
+  from crosslora_jax.lm.train import train_lora
+
+  model = jlm.load(tiny_models["llama"])
+  spec = _spec("llama")
+  teacher = np.asarray(model.token_logprobs(_tiny_blocks()[:4]))
+  batches = [{"ids": _tiny_blocks()[:4].astype(np.int32), "teacher": teacher}]
+
+  def distill(lora, batch, params):  # pull the student's logprobs toward fixed targets
+    student = lm_model.token_logprobs(params, lora, spec, model.config, batch["ids"])
+    return ((student - (batch["teacher"] - 0.5)) ** 2).mean()
+
+  result = train_lora(model, batches, TrainConfig(steps=6, batch=4, lr=1e-2, warmup=1, schedule="constant"),
+                      spec=spec, loss_fn=distill, progress=False)
+  assert result.losses[0] == pytest.approx(0.25, rel=1e-4)
+  assert result.losses[-1] < result.losses[0]
+
+
+@pytest.mark.parametrize("data, weights, message", [
+    (np.zeros((0, 16), np.int64), None, "data: token blocks of shape (n_blocks >= 1, length >= 2) expected"),
+    ([], None, "data: training batches or token blocks expected, got an empty sequence"),
+    (np.zeros((4, 1), np.int64), None, "data: token blocks of shape"),
+    (np.full((4, 8), TINY_VOCAB), None, f"data: token ids in [0, {TINY_VOCAB}) expected"),
+    (np.zeros((4, 8), np.float32), None, "data: integer token ids expected"),
+    (np.zeros((4, 8), np.int64), np.ones((4, 7)), "weights: shape (4, 8)"),
+    (np.zeros((4, 8), np.int64), np.zeros((4, 8)), "weights: finite values >= 0"),
+    (np.zeros((4, 8), np.int64), -np.ones((4, 8)), "weights: finite values >= 0"),
+])
+def test_bad_data_is_one_line(tiny_models, data, weights, message):
+  from crosslora_jax import lm as jlm
+  from crosslora_jax.lm.train import train_lora
+
+  model = jlm.load(tiny_models["llama"])
+  with pytest.raises(CrossLoraError) as caught:
+    train_lora(model, data, TrainConfig(steps=1, batch=4), weights=weights, spec=_spec("llama"), progress=False)
+  assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+
+
+def test_no_spec_and_existing_output_fail_before_training(tiny_models, tmp_path):
+  from crosslora_jax import lm as jlm
+  from crosslora_jax.lm.train import train_lora
+
+  model = jlm.load(tiny_models["llama"])
+  with pytest.raises(CrossLoraError, match="spec: a LoraSpec"):
+    train_lora(model, _tiny_blocks(), TrainConfig(steps=1, batch=4), progress=False)
+  taken = tmp_path / "taken"
+  taken.mkdir()
+  (taken / "keep.txt").write_text("mine")
+  with pytest.raises(CrossLoraError, match="a path that does not exist expected"):
+    train_lora(model, _tiny_blocks(), TrainConfig(steps=1, batch=4), spec=_spec("llama"), output=taken,
+               progress=False)
+  assert [p.name for p in taken.iterdir()] == ["keep.txt"]
+  tight = TrainConfig(steps=1, batch=4, memory_budget_gb=1e-5)
+  with pytest.raises(CrossLoraError, match="TrainConfig.memory_budget_gb"):
+    train_lora(model, _tiny_blocks(), tight, spec=_spec("llama"), output=tmp_path / "new", progress=False)
+  assert not (tmp_path / "new").exists()
