@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -204,6 +205,8 @@ def test_quiet_without_a_terminal(capfd):
 # --- train_lora on tiny fixture models (real transformers + peft on the other side) -----------------
 
 TINY_VOCAB = 128
+# One optimizer setting for most tests below: equal settings, spec and shapes share one compiled step.
+TINY = TrainConfig(steps=6, batch=4, lr=2e-2, warmup=2, grad_accum=2)
 
 
 @pytest.fixture(scope="module")
@@ -240,9 +243,8 @@ def test_trained_adapter_loads_in_peft_with_the_same_logits(tiny_models, tmp_pat
   from crosslora_jax.lm.train import train_lora
 
   model = jlm.load(tiny_models[kind])
-  config = TrainConfig(steps=12, batch=4, lr=2e-2, warmup=2, grad_accum=2)
   out = tmp_path / "adapter"
-  result = train_lora(model, _tiny_blocks(), config, spec=_spec(kind), progress=False, output=out)
+  result = train_lora(model, _tiny_blocks(), TINY, spec=_spec(kind), progress=False, output=out)
   assert result.path == out and sorted(p.name for p in out.iterdir()) == ["adapter_config.json",
                                                                            "adapter_model.safetensors"]
   assert np.mean(result.losses[-3:]) < np.mean(result.losses[:3])
@@ -267,10 +269,8 @@ def test_default_loss_is_the_weighted_next_token_nll(tiny_models):
   blocks = _tiny_blocks(seed=1)
   weights = np.random.default_rng(2).uniform(0.0, 1.0, size=blocks.shape).astype(np.float32)
   weights[:, 5:9] = 0.0
-  config = TrainConfig(steps=1, batch=4, lr=1e-3)
-  spec = _spec("llama")
-  result = train_lora(model, blocks, config, weights=weights, spec=spec, progress=False)
-  batch = block_sampler(blocks.astype(np.int32), weights, config)(0)
+  result = train_lora(model, blocks, TINY, weights=weights, spec=_spec("llama"), progress=False)
+  batch = block_sampler(blocks.astype(np.int32), weights, TINY)(0)
   logprobs = np.asarray(model.token_logprobs(batch["ids"]), np.float64)  # the init LoRA has B = 0: the base
   target_weights = batch["weights"][:, 1:]
   expect = -(logprobs * target_weights).sum() / target_weights.sum()
@@ -282,15 +282,14 @@ def test_train_lora_is_bit_deterministic(tiny_models):
   from crosslora_jax import lm as jlm
   from crosslora_jax.lm.train import train_lora
 
-  model = jlm.load(tiny_models["qwen2"])
-  config = TrainConfig(steps=4, batch=4, lr=1e-2, grad_accum=2, seed=3)
-  runs = [train_lora(model, _tiny_blocks(), config, spec=_spec("qwen2"), progress=False) for _ in range(2)]
+  model = jlm.load(tiny_models["llama"])
+  config = dataclasses.replace(TINY, seed=3)
+  runs = [train_lora(model, _tiny_blocks(), config, spec=_spec("llama"), progress=False) for _ in range(2)]
   assert runs[0].losses == runs[1].losses
   for path, pair in runs[0].adapter.modules.items():
     other = runs[1].adapter.modules[path]
     assert pair.a_ri.tobytes() == other.a_ri.tobytes() and pair.b_or.tobytes() == other.b_or.tobytes()
-  third = train_lora(model, _tiny_blocks(), TrainConfig(steps=4, batch=4, lr=1e-2, grad_accum=2, seed=4),
-                     spec=_spec("qwen2"), progress=False)
+  third = train_lora(model, _tiny_blocks(), dataclasses.replace(TINY, seed=4), spec=_spec("llama"), progress=False)
   assert third.losses != runs[0].losses
 
 
@@ -303,11 +302,10 @@ def test_continue_from_a_loaded_adapter_and_from_init(tiny_models, tmp_path):
   adapter_dir = tmp_path / "start"
   make_adapter(make_model("llama"), adapter_dir, kind="llama", r=4, alpha=8)
   model = jlm.load(tiny_models["llama"], adapter=adapter_dir)
-  config = TrainConfig(steps=2, batch=4, lr=1e-3)
-  resumed = train_lora(model, _tiny_blocks(), config, progress=False)
+  resumed = train_lora(model, _tiny_blocks(), TINY, progress=False)
   assert resumed.spec == model.spec
-  assert resumed.losses[0] == pytest.approx(float(model.nll(_first_batch(config)).mean()), rel=1e-5)
-  explicit = train_lora(model.with_lora(None, None), _tiny_blocks(), config, init=model.lora, spec=model.spec,
+  assert resumed.losses[0] == pytest.approx(float(model.nll(_first_batch(TINY)).mean()), rel=1e-5)
+  explicit = train_lora(model.with_lora(None, None), _tiny_blocks(), TINY, init=model.lora, spec=model.spec,
                         progress=False)
   assert explicit.losses == resumed.losses
 
@@ -370,10 +368,9 @@ def test_no_spec_and_existing_output_fail_before_training(tiny_models, tmp_path)
   taken.mkdir()
   (taken / "keep.txt").write_text("mine")
   with pytest.raises(CrossLoraError, match="a path that does not exist expected"):
-    train_lora(model, _tiny_blocks(), TrainConfig(steps=1, batch=4), spec=_spec("llama"), output=taken,
-               progress=False)
+    train_lora(model, _tiny_blocks(), TINY, spec=_spec("llama"), output=taken, progress=False)
   assert [p.name for p in taken.iterdir()] == ["keep.txt"]
-  tight = TrainConfig(steps=1, batch=4, memory_budget_gb=1e-5)
+  tight = dataclasses.replace(TINY, memory_budget_gb=1e-5)
   with pytest.raises(CrossLoraError, match="TrainConfig.memory_budget_gb"):
     train_lora(model, _tiny_blocks(), tight, spec=_spec("llama"), output=tmp_path / "new", progress=False)
   assert not (tmp_path / "new").exists()

@@ -26,7 +26,7 @@ import os
 import pathlib
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import jax
@@ -179,37 +179,55 @@ class FitResult:
   memory_bytes: int  # the compiled step's argument + output + temporary buffers
 
 
-def _compile(step: Callable, lora, opt_state, params, batch, budget_gb: float | None, config: TrainConfig):
-  """AOT-compiles the step; refuses it when its buffers exceed the memory budget."""
-  jitted = jax.jit(step, donate_argnums=(0, 1))
+_COMPILED: dict[Hashable, tuple[Any, int]] = {}  # (step key, argument avals) -> (executable, bytes)
+_COMPILED_MAX = 8
+
+
+def _avals(*trees: Any) -> Hashable:
+  leaves, treedef = jax.tree.flatten(trees)
+  return treedef, tuple((np.shape(x), jnp.result_type(x)) for x in leaves)
+
+
+def _compile(make_step: Callable[[], Callable], key: Hashable | None, args: tuple, config: TrainConfig):
+  """AOT-compiles the step (reused for an equal ``key`` and equal shapes); refuses it over the memory budget."""
   start = time.perf_counter()
-  compiled = jitted.lower(lora, opt_state, params, batch).compile()
+  cache_key = None if key is None else (key, _avals(*args))
+  if cache_key in _COMPILED:
+    compiled, used = _COMPILED[cache_key]
+  else:
+    compiled = jax.jit(make_step(), donate_argnums=(0, 1)).lower(*args).compile()
+    stats = compiled.memory_analysis()
+    used = 0 if stats is None else int(stats.argument_size_in_bytes + stats.output_size_in_bytes
+                                       + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+    if cache_key is not None:
+      while len(_COMPILED) >= _COMPILED_MAX:
+        _COMPILED.pop(next(iter(_COMPILED)))
+      _COMPILED[cache_key] = (compiled, used)
   seconds = time.perf_counter() - start
-  stats = compiled.memory_analysis()
-  used = 0
-  if stats is not None:
-    used = int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-               - stats.alias_size_in_bytes)
-  if budget_gb is not None and used > budget_gb * 1e9:
-    temp = getattr(stats, "temp_size_in_bytes", 0)
+  budget = config.memory_budget_gb
+  if budget is not None and used > budget * 1e9:
+    temp = compiled.memory_analysis().temp_size_in_bytes
     fixed = used - temp
     fits = [a for a in range(config.grad_accum, config.batch + 1)
-            if config.batch % a == 0 and fixed + temp * config.grad_accum / a <= budget_gb * 1e9]
+            if config.batch % a == 0 and fixed + temp * config.grad_accum / a <= budget * 1e9]
     fix = (f"Raise grad_accum to {fits[0]}" if fits else "Lower the batch or the sequence length") + \
         " or raise memory_budget_gb."
-    raise CrossLoraError(f"TrainConfig.memory_budget_gb: a train step within {budget_gb:g} GB expected, got "
+    raise CrossLoraError(f"TrainConfig.memory_budget_gb: a train step within {budget:g} GB expected, got "
                          f"{used / 1e9:.2f} GB ({fixed / 1e9:.2f} GB weights and state + {temp / 1e9:.2f} GB "
                          f"activations) for batch {config.batch} in {config.grad_accum} microbatch(es). {fix}")
   return compiled, seconds, used
 
 
 def fit(loss_fn: LossFn, lora: Any, next_batch: Callable[[int], Batch], config: TrainConfig, *,
-        params: Any = None, progress: bool = True, description: str = "train") -> FitResult:
+        params: Any = None, progress: bool = True, description: str = "train",
+        step_key: Hashable | None = None) -> FitResult:
   """The training loop over any differentiable ``loss_fn(lora, batch[, params])``.
 
   ``next_batch(step)`` returns the full batch of that step (numpy or jax leaves
   with a leading ``config.batch`` axis). ``params`` (the frozen base) is passed to
   a 3-argument ``loss_fn`` as a jit argument. ``lora`` is not modified.
+  ``step_key``: a hashable that fixes ``loss_fn``'s maths (not an object holding
+  arrays); runs with equal keys, optimizer settings and shapes share one compile.
   """
   three = _takes_params(loss_fn)
   loss = loss_fn if three else (lambda lora_, batch_, _params: loss_fn(lora_, batch_))
@@ -217,8 +235,10 @@ def fit(loss_fn: LossFn, lora: Any, next_batch: Callable[[int], Batch], config: 
   lora = jax.tree.map(lambda x: jnp.array(x, jnp.float32), lora)  # a fresh copy: the step donates it
   opt_state = optimizer.init(lora)
   first = _device_batch(next_batch(0), config)
-  step, compile_seconds, used = _compile(make_train_step(loss, optimizer, config.grad_accum), lora, opt_state,
-                                         params, first, config.memory_budget_gb, config)
+  step_key = None if step_key is None else (step_key, dataclasses.replace(
+      config, seed=0, log_every=1, memory_budget_gb=None))  # the fields that shape the compiled step
+  step, compile_seconds, used = _compile(lambda: make_train_step(loss, optimizer, config.grad_accum), step_key,
+                                         (lora, opt_state, params, first), config)
   losses, norms = [], []
   bar = _progress_bar(config.steps, description, progress)
   start = time.perf_counter()
@@ -401,11 +421,14 @@ def train_lora(lm: Any, data: Any, config: TrainConfig | None = None, *, weights
     check_output_path(output, overwrite=overwrite, flag="output")
   lora, spec = _initial_lora(lm, init, spec, config.seed)
   next_batch = _batch_source(lm.config, data, weights, config)
+  name = lm.folder.name if getattr(lm, "folder", None) is not None else "model"
+  step_key = None
   if loss_fn is None:
+    step_key = ("weighted_nll", lm.config, spec, getattr(lm, "vocab_chunk", None))
     nll = weighted_nll_loss(lm)
     loss_fn = lambda lora_, batch, params: nll(lora_, batch, params, spec)  # noqa: E731
-  name = lm.folder.name if getattr(lm, "folder", None) is not None else "model"
-  fitted = fit(loss_fn, lora, next_batch, config, params=lm.params, progress=progress, description=f"train {name}")
+  fitted = fit(loss_fn, lora, next_batch, config, params=lm.params, progress=progress, description=f"train {name}",
+               step_key=step_key)
   base_name = str(lm.folder) if getattr(lm, "folder", None) is not None else ""
   adapter = lora_to_peft(fitted.lora, spec, base_model_name_or_path=base_name)
   length = np.shape(jax.tree.leaves(next_batch(0))[0])[1] if np.ndim(jax.tree.leaves(next_batch(0))[0]) > 1 else 1
