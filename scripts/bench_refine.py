@@ -155,6 +155,28 @@ def table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) -> tu
   return rows, "\n".join(lines)
 
 
+def step_table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) -> str:
+  """Every checked step of every arm: held-out NLL next to what each held-back check said."""
+  lines = ["| pair | arm | step | NLL | Δ vs base (± s.e.) | recovery | held-back agreement | delta_error | nll_selected |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for rec in records:
+    base = bases.get(rec["pair"])
+    if base is None:
+      continue
+    ref = np.asarray(base["nll_blocks"])
+    gain = base["base_nll"] - base["trained_nll"]
+    checks = {str(e["step"]): e for e in rec["report"]["heldout"]}
+    for step, values in sorted(rec.get("nll_by_step", {}).items(), key=lambda kv: int(kv[0])):
+      arm = np.asarray(values)
+      delta = float(arm.mean() - ref.mean())
+      se = textdata.paired_se(arm, ref) if delta != 0.0 else 0.0
+      e = checks.get(step, {})
+      lines.append(f"| {rec['pair']} | {rec['arm']} | {step} | {arm.mean():.3f} | {delta:+.3f} (± {se:.3f}) | "
+                   f"{-100 * delta / gain:.0f}% | {e.get('agreement', float('nan')):.3f} | "
+                   f"{e.get('delta_error', float('nan')):.3f} | {e.get('nll_selected', float('nan')):.3f} |")
+  return "\n".join(lines)
+
+
 def write_results(cache_dir: pathlib.Path, out: pathlib.Path, note: str) -> None:
   records = [json.loads(f.read_text()) for f in sorted((cache_dir / "records").glob("*.json"))]
   bases = {json.loads(f.read_text())["pair"]: json.loads(f.read_text()) for f in sorted((cache_dir / "bases").glob("*.json"))}
@@ -171,6 +193,10 @@ def write_results(cache_dir: pathlib.Path, out: pathlib.Path, note: str) -> None
         f"{meta['cpus']} CPU cores (shared with other jobs), JAX CPU.", "", note, "", "Targets:", *base_lines, "",
         "Recovery = (base − arm) / (base − trained); s.e. is the paired standard error over blocks (the trained NLL's own "
         "uncertainty is not in it). Tokens kept = selected / learnable student tokens of the training samples.", "", text, "",
+        "Every checked step (step 0 = the initial adapter; for a zero init, the base), with the held-back checks "
+        "on teacher text the student never trained on (agreement: correlation of the student's log-prob change "
+        "with the teacher's carried score; delta_error: their mean squared difference; nll_selected: the "
+        "student's NLL on the selected tokens):", "", step_table(records, bases), "",
         "Commands:", *[f"- `{c}`" for c in commands], ""]
   (out / "refine.md").write_text("\n".join(md))
 
