@@ -415,9 +415,10 @@ def main(argv=None):
         for framework in args.frameworks.split(","):
           run[framework] = run_child(framework, section, model, args)
         results[f"{model}/{section}"] = run
+        meta["load_after"] = round(os.getloadavg()[0], 1)
+        write_results(results, meta, pathlib.Path(args.out))  # after every run: a cut-short run keeps its part
   meta["load_after"] = round(os.getloadavg()[0], 1)
-  merged = write_results(results, meta, pathlib.Path(args.out))
-  print(markdown(merged))
+  print(markdown(write_results(results, meta, pathlib.Path(args.out))))
   return 0
 
 

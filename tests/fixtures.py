@@ -86,6 +86,8 @@ LM_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_position_embeddings=32))),
     "mistral_window": ("mistral", dict(sliding_window=8)),
+    "qwen2_yarn": ("qwen2", dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                                      original_max_position_embeddings=32))),
     "qwen2_window": ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=2)),
     "gemma2_window_softcap": ("gemma2", dict(sliding_window=8, attn_logit_softcapping=2.0,
                                              final_logit_softcapping=1.5, query_pre_attn_scalar=24)),
@@ -105,7 +107,9 @@ def make_lm_model(variant: str, folder: pathlib.Path, *, seed: int = 0):
   """``make_model`` for an LM_VARIANTS entry, with every 1-D weight (norms, biases) perturbed too.
 
   Freshly initialised norms are all ones (Gemma: zeros, i.e. 1 + 0), which would hide a
-  wrong norm convention; the perturbation makes each norm gain and bias matter.
+  wrong norm convention; the perturbation makes each norm gain and bias matter. Query and
+  key weights (x8) and the attention output (x4) are scaled up so that attention is far from
+  uniform and matters: masks, rope and score scaling then change the logits.
   """
   kind, overrides = LM_VARIANTS[variant]
   model = make_model(kind, seed=seed, **overrides)
@@ -114,5 +118,9 @@ def make_lm_model(variant: str, folder: pathlib.Path, *, seed: int = 0):
     for name, p in model.named_parameters():
       if p.ndim == 1:
         p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+      elif any(n in name for n in ("q_proj", "k_proj", "qkv_proj", "c_attn")):
+        p.mul_(8.0)
+      elif any(n in name for n in ("o_proj", "attn.c_proj")):
+        p.mul_(4.0)
   model.save_pretrained(folder, safe_serialization=True)
   return model

@@ -202,6 +202,26 @@ def test_quiet_without_a_terminal(capfd):
   assert captured.err == "" and captured.out == ""
 
 
+def test_progress_bar_with_eta_on_a_terminal(monkeypatch):
+  import io
+  import sys
+
+  class Terminal(io.StringIO):
+    def isatty(self):
+      return True
+
+  terminal = Terminal()
+  monkeypatch.setattr(sys, "stderr", terminal)
+  x, y, w, lora = _toy_problem()
+  config = TrainConfig(steps=3, batch=8, log_every=1)
+  fit(_weighted_loss, lora, _sampler(x, y, w, config), config, progress=True, description="toy")
+  text = terminal.getvalue()
+  assert "toy" in text and "3/3" in text and "<" in text and "loss=" in text  # tqdm's [elapsed<remaining]
+  terminal.truncate(0)
+  fit(_weighted_loss, lora, _sampler(x, y, w, config), config, progress=False)
+  assert terminal.getvalue().strip("\x00") == ""
+
+
 # --- train_lora on tiny fixture models (real transformers + peft on the other side) -----------------
 
 TINY_VOCAB = 128
@@ -374,3 +394,81 @@ def test_no_spec_and_existing_output_fail_before_training(tiny_models, tmp_path)
   with pytest.raises(CrossLoraError, match="TrainConfig.memory_budget_gb"):
     train_lora(model, _tiny_blocks(), tight, spec=_spec("llama"), output=tmp_path / "new", progress=False)
   assert not (tmp_path / "new").exists()
+
+
+# --- the real SmolLM2: the JAX trainer against the torch recipe, step for step -----------------------
+
+@pytest.mark.realmodels
+def test_smollm2_short_recipe_matches_torch_step_for_step(tmp_path):
+  """textdata.train_lora's recipe, shortened (3 steps x 4 blocks x 64 tokens, r 8 / alpha 16, lr 4e-3).
+
+  Both sides start from torch's LoRA init and see torch's batches, so any gap is
+  the trainer's: the JAX-trained adapter, loaded in peft, must score the held-out
+  blocks like the torch-trained one, and give the JAX model's logits.
+  """
+  import torch
+  from peft import LoraConfig, PeftModel, get_peft_model
+  from peft_helpers import captured_warnings
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+
+  from crosslora_bench import textdata, zoo
+  from crosslora_jax import lm as jlm
+  from crosslora_jax.lm import LoraSpec
+  from crosslora_jax.lm.train import train_lora
+
+  folder = zoo.fetch_model("smollm2-135m")
+  torch.set_num_threads(2)
+  tokenizer = AutoTokenizer.from_pretrained(folder)
+  blocks = textdata.token_blocks(tokenizer, textdata.train_texts(), 64)
+  heldout = textdata.heldout_blocks(tokenizer, n=8, block_size=64)
+  steps, batch, seed = 3, 4, 0
+  torch.manual_seed(seed)
+  model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+  model.config.use_cache = False
+  model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                           target_modules=list(textdata.SEVEN_MODULES)))
+  init = {}
+  for name, param in model.named_parameters():
+    if ".lora_" in name:
+      path = name.split("base_model.model.", 1)[1].split(".lora_")[0]
+      init.setdefault(path, {})["a" if ".lora_A." in name else "b"] = jnp.asarray(param.detach().numpy().copy())
+  params = [p for p in model.parameters() if p.requires_grad]
+  optimizer = torch.optim.AdamW(params, lr=4e-3, weight_decay=0.0)
+  scheduler = torch.optim.lr_scheduler.LambdaLR(
+      optimizer, lambda s: 1.0 if s < 1 else 0.5 * (1 + math.cos(math.pi * (s - 1) / (steps - 1))))
+  generator = torch.Generator().manual_seed(seed)
+  batches, torch_losses = [], []
+  model.train()
+  for _ in range(steps):
+    ids = blocks[torch.randint(0, blocks.shape[0], (batch,), generator=generator)]
+    batches.append({"ids": ids.numpy().astype(np.int32)})
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    torch_losses.append(loss.item())
+  model.eval()
+  torch_nll, torch_blocks = textdata.mean_nll(model, heldout)
+  del model
+
+  base = jlm.load(folder)
+  config = TrainConfig(steps=steps, batch=batch, lr=4e-3, warmup=1, clip_norm=1.0, weight_decay=0.0, seed=seed)
+  result = train_lora(base, batches, config, init=init, spec=LoraSpec(r=8, alpha=16,
+                      target_modules=textdata.SEVEN_MODULES), output=tmp_path / "jax-adapter", progress=False)
+  np.testing.assert_allclose(result.losses, torch_losses, rtol=2e-4)
+  with captured_warnings() as caught:
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
+                                       str(tmp_path / "jax-adapter")).eval()
+  assert caught == []
+  jax_nll, jax_blocks = textdata.mean_nll(loaded, heldout)
+  assert abs(jax_nll - torch_nll) < 2e-3, (jax_nll, torch_nll)
+  with loaded.disable_adapter():
+    base_nll = textdata.mean_nll(loaded, heldout)[0]
+  assert base_nll - jax_nll > 0.005  # the three steps moved the model at all
+  with torch.no_grad():
+    theirs = loaded(input_ids=heldout[:2]).logits.numpy()
+  ours = np.asarray(base.with_lora(result.lora, result.spec).logits(heldout[:2].numpy()))
+  assert np.abs(ours - theirs).max() <= 1e-3 * np.abs(theirs).max()
+  assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.999

@@ -22,7 +22,7 @@ from typing import Any
 
 from crosslora_jax.errors import CrossLoraError
 from crosslora_jax.formats.architectures import Architecture
-from crosslora_jax.formats.checkpoint import read_json
+from crosslora_jax.formats.jsonfile import read_object as read_json
 from crosslora_jax.lm.rope import RopeConfig, rope_from_params
 
 FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2")

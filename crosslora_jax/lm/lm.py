@@ -77,7 +77,7 @@ class LM:
     return _logits(self.params, self.lora, ids, mask, cfg=self.config, spec=self.spec)
 
   def token_logprobs(self, ids: Any, mask: Any = None) -> jnp.ndarray:
-    """(B, T-1) float32 log-probabilities of each next token (0 at padded targets)."""
+    """(B, T-1) float32 log-probabilities of each next token (0 at targets model.target_mask leaves out)."""
     ids, mask = self.check_batch(ids, mask)
     if ids.shape[1] < 2:
       raise CrossLoraError(f"ids: at least 2 tokens per row expected to score a next token, got {ids.shape[1]}.")

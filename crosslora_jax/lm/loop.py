@@ -12,9 +12,9 @@ summed over microbatches before the division, so accumulated gradients equal the
 full batch's (up to float rounding): the default loss is ``(Σ w·nll, Σ w)`` over
 the target tokens.
 
-Runs are deterministic for ``config.seed``: the LoRA init key and the numpy
-generator that draws training blocks both derive from it, and XLA on CPU runs
-the same program the same way.
+Runs are deterministic: the loop adds no randomness of its own (``train_lora``
+derives the LoRA init key and the block sampler from ``config.seed``), and XLA
+on CPU runs the same program the same way.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ padding slots (``kv_mask``) never attended.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -90,6 +91,16 @@ def _decoder_layer(cfg: LMConfig, x, layer, lora, sliding, window, scale, rope, 
   return x + down
 
 
+def _allowed(q_slots, kv_slots, valid, window):
+  """(B, T, S) bool: causal over slots, inside ``window``, real keys only.
+
+  A padding query also sees itself, so that no softmax row is empty.
+  """
+  delta = q_slots[:, None] - kv_slots[None, :]
+  allowed = ((delta >= 0) & (delta < window))[None] & valid[:, None, :]
+  return allowed | (delta == 0)[None]
+
+
 def _layer_constants(cfg: LMConfig):
   """Per-layer scanned constants: sliding flag, window length, query scale."""
   sliding = jnp.asarray(cfg.layer_sliding, bool)
@@ -100,13 +111,15 @@ def _layer_constants(cfg: LMConfig):
 
 def forward(params: dict[str, Any], lora: LoraParams | None, spec: LoraSpec | None, cfg: LMConfig,
             ids: jnp.ndarray, *, positions: jnp.ndarray | None = None, cache: Cache | None = None,
-            kv_mask: jnp.ndarray | None = None) -> tuple[jnp.ndarray, Cache | None]:
+            kv_mask: jnp.ndarray | None = None, remat: bool = False) -> tuple[jnp.ndarray, Cache | None]:
   """Final-norm hidden states (B, T, hidden) and the updated cache.
 
   ids (B, T) int. ``kv_mask`` (B, T) bool marks real tokens (False: padding, never
   attended); ``positions`` default to the count of real tokens before each one
   (continuing from the cache). With ``cache``, the T new tokens go into slots
-  ``cache["index"] ...`` and attend to every valid earlier slot.
+  ``cache["index"] ...`` and attend to every valid earlier slot. ``remat``: recompute
+  each layer in the backward pass instead of keeping its activations (training memory
+  then grows with one layer's activations, not all of them).
   """
   B, T = ids.shape
   real = jnp.ones((B, T), bool) if kv_mask is None else kv_mask.astype(bool)
@@ -123,37 +136,36 @@ def forward(params: dict[str, Any], lora: LoraParams | None, spec: LoraSpec | No
     kv_slots = jnp.arange(cache["valid"].shape[1])
     valid = jax.lax.dynamic_update_slice(cache["valid"], real, (0, start))
 
-  def allowed_causal(window):  # (B, T, S) bool
-    delta = q_slots[:, None] - kv_slots[None, :]
-    mask = (delta >= 0) & (delta < window)
-    allowed = mask[None] & valid[:, None, :]
-    return allowed | (delta == 0)[None]  # a padding query sees itself: no empty softmax row
-
+  allowed_causal = functools.partial(_allowed, q_slots, kv_slots, valid)
   sliding, windows, scales = _layer_constants(cfg)
-  xs = (params["layers"], stacked, sliding, windows, scales, jnp.arange(cfg.layers))
-  kv0 = None if cache is None else (cache["k"], cache["v"])
+  # The cache rides in xs (one layer's slice per step) and only the T new keys/values come
+  # out as ys; a single update after the scan writes them in place. Carrying the whole
+  # cache through the scan instead made XLA copy it once per layer.
+  old_kv = () if cache is None else (cache["k"], cache["v"])
+  xs = (params["layers"], stacked, sliding, windows, scales, old_kv)
 
-  def step(carry, xs_l):
-    x, kv = carry
-    layer, lora_l, slide, window, scale, index = xs_l
+  def step(x, xs_l):
+    layer, lora_l, slide, window, scale, kv = xs_l
 
     def kv_write(k, v):
-      if kv is None:
+      if not kv:
         return k, v
-      k_cache = jax.lax.dynamic_update_slice(kv[0], k[None].astype(kv[0].dtype), (index, 0, start, 0, 0))
-      v_cache = jax.lax.dynamic_update_slice(kv[1], v[None].astype(kv[1].dtype), (index, 0, start, 0, 0))
-      written.append((k_cache, v_cache))
-      return k_cache[index], v_cache[index]
+      k_all = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, start, 0, 0))
+      v_all = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, start, 0, 0))
+      new_kv.append((k.astype(kv[0].dtype), v.astype(kv[1].dtype)))
+      return k_all, v_all
 
-    written: list[Any] = []
+    new_kv: list[Any] = []
     x = _decoder_layer(cfg, x, layer, lora_l, slide, window, scale, rope, allowed_causal, kv_write)
-    return (x, written[0] if written else None), None
+    return x, (new_kv[0] if new_kv else ())
 
-  (x, kv), _ = jax.lax.scan(step, (x, kv0), xs)
+  x, new_kv = jax.lax.scan(jax.checkpoint(step) if remat else step, x, xs)
   x = L.norm(x, params["final_norm"], cfg)
   if cache is None:
     return x, None
-  new_cache = {"k": kv[0], "v": kv[1], "valid": valid, "index": start + T, "next_pos": positions[:, -1] + 1}
+  k_cache = jax.lax.dynamic_update_slice(cache["k"], new_kv[0], (0, 0, start, 0, 0))
+  v_cache = jax.lax.dynamic_update_slice(cache["v"], new_kv[1], (0, 0, start, 0, 0))
+  new_cache = {"k": k_cache, "v": v_cache, "valid": valid, "index": start + T, "next_pos": positions[:, -1] + 1}
   return x, new_cache
 
 
@@ -214,22 +226,29 @@ def chunked_log_softmax_at(hidden: jnp.ndarray, head: jnp.ndarray, targets: jnp.
 
 def token_logprobs(params: dict[str, Any], lora: LoraParams | None, spec: LoraSpec | None, cfg: LMConfig,
                    ids: jnp.ndarray, mask: jnp.ndarray | None = None, *,
-                   vocab_chunk: int = DEFAULT_VOCAB_CHUNK) -> jnp.ndarray:
-  """(B, T-1) float32: log p(ids[:, t+1] | ids[:, :t+1]); 0 where ``mask`` (B, T) marks the target as padding.
+                   vocab_chunk: int = DEFAULT_VOCAB_CHUNK, remat: bool = False) -> jnp.ndarray:
+  """(B, T-1) float32: log p(ids[:, t+1] | ids[:, :t+1]); 0 at targets ``target_mask(mask)`` leaves out.
 
   ``mask`` also keeps padding out of attention and out of the position count, so
   left- and right-padded batches score their real tokens as unpadded ones would.
   """
-  hidden, _ = forward(params, lora, spec, cfg, ids, kv_mask=mask)
+  hidden, _ = forward(params, lora, spec, cfg, ids, kv_mask=mask, remat=remat)
   out = chunked_log_softmax_at(hidden[:, :-1], unembedding(params, cfg), ids[:, 1:], cfg, vocab_chunk)
   if mask is not None:
-    out = jnp.where(mask[:, 1:].astype(bool), out, 0.0)
+    out = jnp.where(target_mask(mask), out, 0.0)
   return out
+
+
+def target_mask(mask: jnp.ndarray) -> jnp.ndarray:
+  """(B, T-1) bool: the targets scored, real tokens that follow a real token (a left-padded row's
+  first token has no context and is not scored, as it is not in an unpadded row)."""
+  mask = mask.astype(bool)
+  return mask[:, 1:] & mask[:, :-1]
 
 
 def mean_nll(logprobs: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
   """(B,) mean next-token NLL over the real targets of each row."""
   if mask is None:
     return -logprobs.mean(-1)
-  weights = mask[:, 1:].astype(jnp.float32)
+  weights = target_mask(mask).astype(jnp.float32)
   return -(logprobs * weights).sum(-1) / jnp.maximum(weights.sum(-1), 1.0)

@@ -17,7 +17,7 @@ import numpy as np
 
 from crosslora_jax.errors import CrossLoraError
 
-ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,10 @@ class RopeConfig:
   original_max_positions: int = 0
   short_factor: tuple[float, ...] = ()
   long_factor: tuple[float, ...] = ()
-  attention_factor: float = 1.0  # multiplies cos and sin (LongRoPE)
+  attention_factor: float = 1.0  # multiplies cos and sin (LongRoPE, YaRN)
+  beta_fast: float = 32.0  # YaRN correction range (rotations)
+  beta_slow: float = 1.0
+  truncate: bool = True
 
   def inv_freq(self, *, long: bool = False) -> np.ndarray:
     """(rotary_dim // 2,) float32 inverse frequencies."""
@@ -48,6 +51,8 @@ class RopeConfig:
       return (inv / np.float32(self.factor)).astype(np.float32)
     if self.kind == "llama3":
       return _llama3(inv, self)
+    if self.kind == "yarn":
+      return _yarn(base, self)
     return inv
 
 
@@ -62,6 +67,36 @@ def _llama3(inv: np.ndarray, rope: RopeConfig) -> np.ndarray:
   smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
   medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
   return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _yarn(pos_freqs: np.ndarray, rope: RopeConfig) -> np.ndarray:
+  """YaRN: interpolated low frequencies, extrapolated high ones, a linear ramp between."""
+  dim, base, original = rope.rotary_dim, rope.theta, rope.original_max_positions
+
+  def correction_dim(rotations: float) -> float:
+    return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+  low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+  if rope.truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, dim - 1)
+  if low == high:
+    high += 0.001
+  ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+  extrapolation = 1 - ramp
+  interp, extrap = 1.0 / (rope.factor * pos_freqs), 1.0 / pos_freqs
+  return (interp * (1 - extrapolation) + extrap * extrapolation).astype(np.float32)
+
+
+def _yarn_attention_factor(params: Mapping[str, Any], factor: float) -> float:
+  def mscale(scale: float, m: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+  if params.get("attention_factor") is not None:
+    return float(params["attention_factor"])
+  if params.get("mscale") and params.get("mscale_all_dim"):
+    return mscale(factor, params["mscale"]) / mscale(factor, params["mscale_all_dim"])
+  return mscale(factor)
 
 
 def rope_from_params(params: Mapping[str, Any], *, head_dim: int, max_positions: int,
@@ -81,6 +116,11 @@ def rope_from_params(params: Mapping[str, Any], *, head_dim: int, max_positions:
     elif kind == "llama3":
       fields.update(factor=float(params["factor"]), low_freq_factor=float(params["low_freq_factor"]),
                     high_freq_factor=float(params["high_freq_factor"]))
+    elif kind == "yarn":
+      factor = float(params.get("factor") or max_positions / original)
+      fields.update(factor=factor, attention_factor=_yarn_attention_factor(params, factor),
+                    beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+                    truncate=bool(params.get("truncate", True)))
     elif kind == "longrope":
       short, long = tuple(map(float, params["short_factor"])), tuple(map(float, params["long_factor"]))
       if len(short) != rotary_dim // 2 or len(long) != rotary_dim // 2:
