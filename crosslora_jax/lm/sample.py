@@ -1,0 +1,173 @@
+"""Sampling with a KV cache: greedy, temperature, top-p; a batch of prompts of different lengths.
+
+Prompts are left-padded to one length (padding slots are never attended and
+positions count only real tokens, so each row decodes as it would alone). The
+prefill runs once; then one jitted step per new token samples from the last
+logits and appends its token to the cache (donated, so it is updated in place).
+Shapes are bucketed (prompt length to 16, cache length to 32), and temperature
+and top-p are traced values: new tokens, and new settings, reuse the compiled step.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from crosslora_jax.errors import CrossLoraError
+from crosslora_jax.lm import model
+from crosslora_jax.lm.config import check_ids
+
+PROMPT_BUCKET = 16
+CACHE_BUCKET = 32
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "spec", "cache_len"))
+def _prefill(params, lora, ids, mask, *, cfg, spec, cache_len):
+  """ids/mask (B, P) left-padded -> (logits of each row's last token (B, V) float32, cache)."""
+  cache = model.init_cache(cfg, ids.shape[0], cache_len, params["embed"].dtype)
+  hidden, cache = model.forward(params, lora, spec, cfg, ids, cache=cache, kv_mask=mask)
+  return model.logits_from_hidden(params, cfg, hidden[:, -1:])[:, 0], cache
+
+
+def sample_token(logits: jnp.ndarray, key: jax.Array, temperature: jnp.ndarray, top_p: jnp.ndarray, *,
+                 greedy: bool, nucleus: bool) -> jnp.ndarray:
+  """(B, V) float32 logits -> (B,) int32 tokens: argmax, or a draw at ``temperature`` within top-p mass."""
+  if greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  scaled = logits / temperature
+  if nucleus:  # keep the smallest set of most likely tokens whose mass reaches top_p (at least one)
+    order = jnp.argsort(-scaled, axis=-1)
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    sorted_logits = jnp.where(mass_before < top_p, sorted_logits, -jnp.inf)
+    choice = jax.random.categorical(key, sorted_logits, axis=-1)
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+  return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "spec", "greedy", "nucleus"), donate_argnames=("cache",))
+def _decode_step(params, lora, cache, logits, key, done, temperature, top_p, pad_id, *, cfg, spec, greedy, nucleus):
+  """Samples one token per row from ``logits`` (B, V) and runs it through the model.
+
+  Returns (tokens (B,), logits for the next step (B, V), cache, key); rows already
+  ``done`` emit ``pad_id``.
+  """
+  key, sub = jax.random.split(key)
+  token = sample_token(logits, sub, temperature, top_p, greedy=greedy, nucleus=nucleus)
+  token = jnp.where(done, pad_id, token)
+  hidden, cache = model.forward(params, lora, spec, cfg, token[:, None], cache=cache)
+  return token, model.logits_from_hidden(params, cfg, hidden)[:, 0], cache, key
+
+
+def _prompts(lm: Any, prompt_ids: Any, lengths: Any) -> list[list[int]]:
+  if lengths is not None:
+    padded = np.asarray(prompt_ids)
+    lengths = np.asarray(lengths)
+    if padded.ndim != 2 or lengths.shape != (padded.shape[0],) or (lengths < 1).any() or (lengths > padded.shape[1]).any():
+      raise CrossLoraError(f"lengths: one length in [1, {padded.shape[-1]}] per row of prompt_ids {padded.shape} "
+                           f"expected, got {lengths.tolist()}.")
+    prompts = [padded[i, :n].tolist() for i, n in enumerate(lengths)]  # right-padded rows
+  else:
+    rows = prompt_ids.tolist() if hasattr(prompt_ids, "tolist") else list(prompt_ids)
+    flat = bool(rows) and not isinstance(rows[0], (list, tuple)) and not hasattr(rows[0], "__len__")
+    prompts = [[int(t) for t in row] for row in ([rows] if flat else rows)]
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise CrossLoraError("prompt_ids: a non-empty list of non-empty token id lists expected, got an empty prompt.")
+  check_ids(lm.config, np.concatenate([np.asarray(p, np.int64) for p in prompts]), "prompt_ids")
+  return prompts
+
+
+def default_eos_ids(lm: Any) -> tuple[int, ...]:
+  """The config's EOS ids plus generation_config.json's, as transformers' generate stops on both."""
+  ids = list(lm.config.eos_ids)
+  if lm.folder is not None and (lm.folder / "generation_config.json").is_file():
+    try:
+      eos = json.loads((lm.folder / "generation_config.json").read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      eos = None
+    ids += eos if isinstance(eos, list) else ([] if eos is None else [eos])
+  return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def _stop_sequences(lm: Any, stop: Any) -> list[list[int]]:
+  if stop is None:
+    return []
+  stop = [stop] if isinstance(stop, str) else list(stop)
+  out = []
+  for item in stop:
+    seq = lm.tokenizer.encode(item, add_bos=False) if isinstance(item, str) else [int(t) for t in item]
+    if not seq:
+      raise CrossLoraError(f"stop: non-empty strings or token id lists expected, got {item!r}.")
+    out.append(seq)
+  return out
+
+
+def generate(lm: Any, prompt_ids: Any, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int = 0, eos_ids: Sequence[int] | None = None, stop: Any = None, lengths: Any = None,
+             max_cache_bytes: int | None = None) -> list[list[int]]:
+  """New token ids per prompt (each row ends at its first EOS or stop sequence, which it includes).
+
+  ``prompt_ids``: a list of token id lists of any lengths, or a right-padded (B, P)
+  array with ``lengths``. ``temperature=0`` is greedy; otherwise tokens are drawn
+  from softmax(logits / temperature) restricted to the top-``top_p`` mass, from a
+  PRNG key made from ``seed``. ``eos_ids`` default to the model's
+  (config.json and generation_config.json). ``stop``: strings (through the
+  model's tokenizer) or token id lists. ``max_cache_bytes`` refuses a batch whose
+  KV cache would be larger.
+  """
+  cfg = lm.config
+  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    raise CrossLoraError(f"max_new_tokens: a positive integer expected, got {max_new_tokens!r}.")
+  if temperature < 0 or not 0 < top_p <= 1:
+    raise CrossLoraError(f"temperature >= 0 and 0 < top_p <= 1 expected, got temperature={temperature}, top_p={top_p}.")
+  prompts = _prompts(lm, prompt_ids, lengths)
+  longest = max(len(p) for p in prompts)
+  if longest + max_new_tokens > cfg.max_positions:
+    raise CrossLoraError(f"prompt_ids: prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) within the "
+                         f"model's context of {cfg.max_positions} expected. Shorten the prompt or ask for fewer tokens.")
+  prompt_len = _round_up(longest, PROMPT_BUCKET)
+  cache_len = _round_up(prompt_len + max_new_tokens, CACHE_BUCKET)
+  batch = len(prompts)
+  itemsize = jnp.dtype(lm.params["embed"].dtype).itemsize
+  cache_bytes = 2 * cfg.layers * batch * cache_len * cfg.kv_heads * cfg.head_dim * itemsize
+  if max_cache_bytes is not None and cache_bytes > max_cache_bytes:
+    raise CrossLoraError(f"max_cache_bytes: a KV cache of at most {max_cache_bytes} bytes asked for, but {batch} "
+                         f"prompts x {cache_len} slots need {cache_bytes}. Pass fewer prompts or fewer new tokens.")
+  pad_id = cfg.pad_id if cfg.pad_id is not None and 0 <= cfg.pad_id < cfg.vocab_size else 0
+  ids = np.full((batch, prompt_len), pad_id, np.int32)
+  mask = np.zeros((batch, prompt_len), bool)
+  for row, p in enumerate(prompts):
+    ids[row, prompt_len - len(p):] = p
+    mask[row, prompt_len - len(p):] = True
+  eos = set(default_eos_ids(lm) if eos_ids is None else (int(e) for e in eos_ids))
+  stops = _stop_sequences(lm, stop)
+  logits, cache = _prefill(lm.params, lm.lora, jnp.asarray(ids), jnp.asarray(mask), cfg=cfg, spec=lm.spec,
+                           cache_len=cache_len)
+  key = jax.random.key(seed)
+  flags = dict(greedy=temperature == 0, nucleus=top_p < 1.0)
+  scalars = (jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.int32(pad_id))
+  out: list[list[int]] = [[] for _ in prompts]
+  done = np.zeros((batch,), bool)
+  for _ in range(max_new_tokens):
+    token, logits, cache, key = _decode_step(lm.params, lm.lora, cache, logits, key, jnp.asarray(done), *scalars,
+                                             cfg=cfg, spec=lm.spec, **flags)
+    for row, t in enumerate(np.asarray(token).tolist()):
+      if done[row]:
+        continue
+      out[row].append(t)
+      if t in eos or any(out[row][-len(s):] == s for s in stops):
+        done[row] = True
+    if done.all():
+      break
+  return out

@@ -1,0 +1,127 @@
+"""RefineConfig: every knob of the distillation refine stage, checked once.
+
+The defaults are the budget measured in ``scripts/bench_refine.py`` (results/refine.md):
+64 teacher samples of 96 tokens, 16 steps of 4 sequences at lr 1e-3, the top 30% of
+tokens by score. They fit a 2-core CPU; they were not tuned on the evaluation text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+
+from crosslora_jax.errors import CrossLoraError, collect_and_raise
+from crosslora_jax.refine.select import SELECTIONS
+
+LOSSES = ("nll", "delta")
+CHECKS = {"agreement": +1, "delta_error": -1, "nll_selected": -1}  # held-back check -> sign of "better"
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class RefineConfig:
+  """Options of :func:`crosslora_jax.refine.refine_adapter`.
+
+  Teacher text: ``tokens`` synthetic tokens in samples of ``sample_tokens`` new tokens,
+  written by source base + adapter at ``temperature`` / ``top_p`` from ``seed``;
+  prompts from ``prompts_file`` (one a line or JSONL with a "prompt" field), else from
+  the separator token alone. ``heldout_fraction`` of the samples are held back for the
+  stopping rule and the guard.
+
+  Student: target base + LoRA of ``rank`` / ``alpha`` / ``target_modules`` (the source
+  adapter's when None), trained ``steps`` steps of ``batch`` sequences at ``lr``.
+  ``loss``: ``"nll"`` learns the teacher's tokens chosen by ``selection``
+  (``fraction`` for top-k), plus ``anchor`` × squared log-prob change against the
+  target base on the tokens not chosen; ``"delta"`` matches the student's log-prob
+  change against its base to the teacher's carried score on every token.
+  ``check``: the held-back measure that picks the best evaluated step (see
+  ``student.heldout_metrics``); ``eval_every``: steps between checks;
+  ``guard``: return the initial adapter when no evaluated step beats it on ``check``.
+  """
+
+  tokens: int = 6144
+  sample_tokens: int = 96
+  temperature: float = 1.0
+  top_p: float = 0.95
+  seed: int = 0
+  prompts_file: str | None = None
+  heldout_fraction: float = 0.125
+  selection: str = "topk"
+  fraction: float = 0.3
+  loss: str = "nll"
+  anchor: float = 0.0
+  steps: int = 16
+  batch: int = 4
+  lr: float = 1e-3
+  warmup: int = 2
+  rank: int | None = None
+  alpha: float | None = None
+  target_modules: tuple[str, ...] | None = None
+  check: str = "agreement"
+  eval_every: int = 8
+  guard: bool = True
+  dtype: str = "float32"
+  cache_dir: str | None = None
+  use_cache: bool = True
+
+  def __post_init__(self):
+    problems = []
+
+    def positive_int(name: str, allow_zero: bool = False) -> None:
+      value = getattr(self, name)
+      ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+      if not ok:
+        problems.append(f"{name}: a {'non-negative' if allow_zero else 'positive'} integer expected, got {value!r}")
+
+    def number_in(name: str, low: float, high: float, low_open: bool = True) -> None:
+      value = getattr(self, name)
+      ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+      ok = ok and (low < value if low_open else low <= value) and value <= high
+      if not ok:
+        problems.append(f"{name}: a number in {'(' if low_open else '['}{low}, {high}] expected, got {value!r}")
+
+    for name in ("tokens", "sample_tokens", "steps", "batch", "eval_every"):
+      positive_int(name)
+    positive_int("warmup", allow_zero=True)
+    positive_int("seed", allow_zero=True)
+    if self.rank is not None:
+      positive_int("rank")
+    number_in("temperature", 0.0, 10.0, low_open=False)
+    number_in("top_p", 0.0, 1.0)
+    number_in("heldout_fraction", 0.0, 0.5)
+    number_in("fraction", 0.0, 1.0)
+    number_in("lr", 0.0, 1.0)
+    number_in("anchor", 0.0, 1e6, low_open=False)
+    if self.alpha is not None:
+      number_in("alpha", 0.0, 1e6)
+    if self.selection not in SELECTIONS:
+      problems.append(f"selection: one of {', '.join(SELECTIONS)} expected, got {self.selection!r}")
+    if self.loss not in LOSSES:
+      problems.append(f"loss: one of {', '.join(LOSSES)} expected, got {self.loss!r}")
+    if self.check not in CHECKS:
+      problems.append(f"check: one of {', '.join(CHECKS)} expected, got {self.check!r}")
+    if self.dtype not in DTYPES:
+      problems.append(f"dtype: one of {', '.join(DTYPES)} expected, got {self.dtype!r}")
+    if self.target_modules is not None and (not isinstance(self.target_modules, tuple) or not self.target_modules
+                                            or not all(isinstance(m, str) and m for m in self.target_modules)):
+      problems.append(f"target_modules: a non-empty tuple of module names expected, got {self.target_modules!r}")
+    if isinstance(self.tokens, int) and isinstance(self.sample_tokens, int) and 0 < self.tokens < self.sample_tokens:
+      problems.append(f"tokens: at least sample_tokens ({self.sample_tokens}) expected, got {self.tokens}")
+    collect_and_raise([p + ". Fix the refine option." for p in problems] if len(problems) == 1 else problems,
+                      header=None if len(problems) == 1 else "refine options")
+
+  @property
+  def samples(self) -> int:
+    """Number of teacher samples (held-back ones included): ceil(tokens / sample_tokens), at least 2."""
+    return max(2, -(-self.tokens // self.sample_tokens))
+
+  @property
+  def heldout_samples(self) -> int:
+    return max(1, int(round(self.samples * self.heldout_fraction)))
+
+  def cache_root(self) -> pathlib.Path:
+    if self.cache_dir is not None:
+      return pathlib.Path(self.cache_dir).expanduser()
+    from crosslora_jax.core.cache import default_cache_dir
+    return default_cache_dir().parent / "refine"

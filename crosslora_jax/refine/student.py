@@ -1,0 +1,126 @@
+"""The student's data and losses: teacher text on the target's tokens, with carried scores.
+
+Arrays, all (N, T-1) over predicted positions (position t predicts token t+1):
+``real`` the token exists; ``learn`` it is a real, non-prompt, non-special token;
+``target`` the carried teacher score (nats); ``weights`` from the token selection;
+``base_lp`` the target base's log-prob of the token (for the anchor, the delta loss
+and the held-back check: Δ_student = log p_student − log p_target base).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from crosslora_jax.refine.align import carry_scores
+from crosslora_jax.refine.runtime import LENGTH_QUANTUM
+
+
+@dataclasses.dataclass
+class StudentData:
+  ids: np.ndarray  # (N, T) int32
+  real: np.ndarray  # (N, T) bool, real input tokens
+  learn: np.ndarray  # (N, T-1) bool
+  target: np.ndarray  # (N, T-1) float32
+  weights: np.ndarray | None = None  # (N, T-1) float32
+  base_lp: np.ndarray | None = None  # (N, T-1) float32
+
+  def rows(self, index: np.ndarray) -> StudentData:
+    pick = lambda a: None if a is None else a[index]
+    return StudentData(self.ids[index], self.real[index], self.learn[index], self.target[index],
+                       pick(self.weights), pick(self.base_lp))
+
+  def batch(self, index: np.ndarray) -> dict[str, np.ndarray]:
+    part = self.rows(index)
+    return {"ids": part.ids, "real": part.real, "learn": part.learn, "target": part.target,
+            "weights": part.weights, "base_lp": part.base_lp}
+
+
+def _shift(spans, by: int) -> np.ndarray:
+  """Spans of a text → spans of its suffix from character ``by`` (tokens before it become empty)."""
+  array = np.asarray(spans, np.int64).reshape(-1, 2) - by
+  return np.maximum(array, 0)
+
+
+def encode_corpus(corpus: Any, tokenizer: Any, *, max_tokens: int) -> StudentData:
+  """Tokenizes the teacher texts for the student and carries the teacher's scores onto its tokens.
+
+  The continuation is the same text for both; the prompt is rendered in each model's own
+  chat template (when prompts came with one), so scores are carried on the continuation.
+  """
+  from crosslora_jax.refine.prompts import render_prompt
+  rows, learn_rows, target_rows = [], [], []
+  for text, p_chars, prompt, spans, scores in zip(corpus.texts, corpus.prompt_chars, corpus.prompts, corpus.spans,
+                                                  corpus.scores):
+    continuation = text[p_chars:]
+    student_prompt = render_prompt(tokenizer, prompt)[0]
+    own_chars = len(student_prompt)
+    ids, offsets = tokenizer.encode_with_offsets(student_prompt + continuation)
+    ids, offsets = ids[:max_tokens], offsets[:max_tokens]
+    if offsets:
+      carried = carry_scores(scores, _shift(spans, p_chars), _shift(offsets, own_chars), text_len=len(continuation))
+    else:
+      carried = np.zeros(0)
+    learnable = np.array([end > start and start >= own_chars for start, end in offsets], bool)
+    rows.append(ids)
+    learn_rows.append(learnable[1:])
+    target_rows.append(carried[1:])
+  length = -(-max(max(len(r) for r in rows), 2) // LENGTH_QUANTUM) * LENGTH_QUANTUM
+  n = len(rows)
+  pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+  ids = np.full((n, length), pad_id, np.int32)
+  real = np.zeros((n, length), bool)
+  learn = np.zeros((n, length - 1), bool)
+  target = np.zeros((n, length - 1), np.float32)
+  for i, (row, lrn, tgt) in enumerate(zip(rows, learn_rows, target_rows)):
+    ids[i, :len(row)] = row
+    real[i, :len(row)] = True
+    learn[i, :len(lrn)] = lrn
+    target[i, :len(tgt)] = tgt
+  return StudentData(ids, real, learn, target)
+
+
+def make_loss(cfg: Any, spec: Any, *, loss: str, anchor: float):
+  """loss_fn(lora, batch, params) -> scalar, batch = :meth:`StudentData.batch` as jnp arrays.
+
+  The base ``params`` are an argument, not a closure: a closed-over pytree would be
+  baked into the compiled step as constants (gigabytes for a real model).
+  """
+  import jax.numpy as jnp
+  from crosslora_jax.lm import model
+
+  def loss_fn(lora, batch, params):
+    lp = model.token_logprobs(params, lora, spec, cfg, batch["ids"], batch["real"])  # (B, T-1)
+    learn = batch["learn"].astype(jnp.float32)
+    change = lp - batch["base_lp"]
+    if loss == "delta":
+      return jnp.sum(learn * (change - batch["target"]) ** 2) / jnp.maximum(jnp.sum(learn), 1.0)
+    weights = batch["weights"] * learn
+    nll = -jnp.sum(weights * lp) / jnp.maximum(jnp.sum(weights), 1.0)
+    if anchor == 0.0:
+      return nll
+    others = learn * (weights == 0)
+    return nll + anchor * jnp.sum(others * change ** 2) / jnp.maximum(jnp.sum(others), 1.0)
+
+  return loss_fn
+
+
+def heldout_metrics(lp: np.ndarray, data: StudentData) -> dict[str, float]:
+  """Held-back checks from the student's log-probs ``lp`` (N, T-1) on held-back teacher text.
+
+  ``delta_error``: mean (Δ_student − Δ_teacher)² over learnable tokens, lower is better
+  (0 = the student changed exactly as the adapter changed the source);
+  ``agreement``: correlation of the two changes; ``nll_selected``: the student's NLL on
+  the selected tokens; ``nll_all``: on every learnable token.
+  """
+  learn = data.learn
+  change = (lp - data.base_lp)[learn]
+  teacher = data.target[learn]
+  weights = (data.weights * learn)[learn] if data.weights is not None else np.ones_like(teacher)
+  spread = change.std() * teacher.std()
+  agreement = float(np.mean((change - change.mean()) * (teacher - teacher.mean())) / spread) if spread > 0 else 0.0
+  return {"delta_error": float(np.mean((change - teacher) ** 2)), "agreement": agreement,
+          "nll_selected": float(-np.sum(weights * lp[learn]) / max(weights.sum(), 1e-9)),
+          "nll_all": float(-np.mean(lp[learn])), "mean_change": float(change.mean())}

@@ -1,0 +1,259 @@
+"""Refine benchmark: does distillation from the source model carry the adapter's skill to the target?
+
+  python scripts/bench_refine.py --pair smollm2:qwen05 --arms topk30,null     # a few arms
+  python scripts/bench_refine.py --report_only                                 # rebuild results/
+
+For each arm, ``crosslora_jax.refine.refine_adapter`` moves the shipped SmolLM2 pydoc
+adapter (the source) to the target; the target's mean token NLL on the held-out
+pydoc blocks (``crosslora_bench.textdata``, each model's own tokenizer) is measured
+with the JAX runtime, and compared with the target base and with the LoRA trained on
+the target (its NLL from results/quality.json, same blocks and recipe):
+
+  recovery = (NLL_base − NLL_arm) / (NLL_base − NLL_trained)
+
+The teacher never reads pydoc: it writes from its separator token. Arms differ in
+token selection, loss, anchor and initialisation; ``null`` is the default recipe
+with the source adapter removed (B = 0): what training on model-written text does
+by itself. Every arm's record (per-block NLL, refine report, seconds) is cached
+under --cache_dir, so runs can be split and resumed; results/refine.{md,json} are
+rebuilt from all records each time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import pathlib
+import platform
+import resource
+import sys
+import time
+from typing import Any
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+import numpy as np  # noqa: E402
+
+from crosslora_bench import textdata, zoo  # noqa: E402
+from bench_quality import EXAMPLE_ADAPTER, MODELS  # noqa: E402
+
+ARMS: dict[str, dict[str, Any]] = {  # name -> RefineConfig overrides (+ "init": zero|projection, "null": bool)
+    "topk30": {},
+    "all": {"selection": "all"},
+    "weighted": {"selection": "weighted"},
+    "topk30-anchor": {"anchor": 1.0},
+    "delta": {"loss": "delta"},
+    "topk30-noguard": {"guard": False},
+    "null": {"null": True},
+    "projection+topk30": {"init": "projection"},
+}
+
+
+def log(message: str) -> None:
+  print(f"[{datetime.datetime.now(datetime.timezone.utc):%H:%M:%S}] {message}", file=sys.stderr, flush=True)
+
+
+def zero_adapter(adapter):
+  """The source adapter with every B = 0: the null control's teacher is the source base itself."""
+  from crosslora_jax.formats import peft_format
+  modules = {p: peft_format.LoraPair(pair.a_ri, np.zeros_like(pair.b_or)) for p, pair in adapter.modules.items()}
+  return peft_format.PeftAdapter(dict(adapter.config), modules, path=None)
+
+
+def trained_reference(target: str, blocks: int) -> dict[str, Any]:
+  data = json.loads((REPO / "results" / "quality.json").read_text())
+  return data["targets"][f"{target} ({blocks} blocks)"]
+
+
+def heldout_ids(folder: pathlib.Path, blocks: int) -> np.ndarray:
+  from transformers import AutoTokenizer
+  return textdata.heldout_blocks(AutoTokenizer.from_pretrained(folder), n=blocks, block_size=128).numpy().astype(np.int32)
+
+
+def block_nll(target_lm, lora, spec, ids: np.ndarray) -> np.ndarray:
+  """(n_blocks,) mean next-token NLL of each held-out block, with the JAX runtime."""
+  from crosslora_jax.refine import runtime
+  lp = runtime.batched_logprobs(target_lm, lora, spec, ids, np.ones_like(ids, bool), batch=8)
+  return -lp.astype(np.float64).mean(axis=1)
+
+
+def arm_config(name: str, args) -> tuple[Any, dict[str, Any]]:
+  from crosslora_jax.refine import RefineConfig
+  overrides = dict(ARMS[name])
+  extra = {k: overrides.pop(k) for k in ("init", "null") if k in overrides}
+  budget = {k: getattr(args, k) for k in ("tokens", "sample_tokens", "steps", "batch", "lr", "seed", "eval_every") if getattr(args, k) is not None}
+  return RefineConfig(**{**budget, **overrides, "cache_dir": str(pathlib.Path(args.cache_dir) / "corpus")}), extra
+
+
+def record_key(pair: str, name: str, config, blocks: int) -> str:
+  body = json.dumps({"pair": pair, "arm": ARMS[name], "config": dataclasses.asdict(config), "blocks": blocks}, sort_keys=True, default=str)
+  return f"{pair.replace(':', '-')}-{name}-{hashlib.sha256(body.encode()).hexdigest()[:10]}"
+
+
+def run_arm(name: str, args, state: dict[str, Any]) -> dict[str, Any]:
+  from crosslora_jax.formats import peft_format
+  from crosslora_jax.refine import refine_adapter
+  config, extra = arm_config(name, args)
+  source_adapter = peft_format.read_adapter(EXAMPLE_ADAPTER)
+  if extra.get("null"):
+    source_adapter = zero_adapter(source_adapter)
+  init = None
+  if extra.get("init") == "projection":
+    from bench_quality import transfer
+    result, _ = transfer(args.source, args.target, EXAMPLE_ADAPTER, "cross_lora", 320)
+    init = result.adapter
+  t0 = time.perf_counter()
+  result = refine_adapter(state["source_dir"], source_adapter, state["target_dir"], init, config,
+                          progress=True, target_lm=state["target_lm"])
+  refine_seconds = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  # Every checked step's NLL (step 0 of a zero init is the base): how well each held-back
+  # check would have picked, measured instead of guessed.
+  by_step = {}
+  for step, step_lora in result.checkpoints:
+    if step == 0 and init is None:
+      by_step["0"] = state["base_blocks"]
+      continue
+    by_step[str(step)] = block_nll(state["target_lm"], step_lora, result.spec, state["blocks"]).tolist()
+    log(f"{name}: step {step}: NLL {np.mean(by_step[str(step)]):.4f}")
+  shipped_step = str(result.report["best_step"] if result.refined else 0)
+  per_block = np.asarray(by_step[shipped_step]) if shipped_step in by_step else block_nll(
+      state["target_lm"], result.lora, result.spec, state["blocks"])
+  eval_seconds = time.perf_counter() - t0
+  return {"nll_by_step": by_step, "arm": name, "pair": f"{args.source}:{args.target}", "overrides": ARMS[name], "nll_blocks": per_block.tolist(),
+          "refine_seconds": refine_seconds, "eval_seconds": eval_seconds, "report": result.report,
+          "refined": result.refined, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+          "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "command": " ".join(sys.argv)}
+
+
+def table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+  rows, lines = [], ["| pair | arm | NLL | Δ vs base (± s.e.) | recovery (± s.e.) | shipped | best step | tokens kept | refine s | eval s |",
+                     "|---|---|---|---|---|---|---|---|---|---|"]
+  for rec in records:
+    base = bases.get(rec["pair"])
+    if base is None:
+      continue
+    arm, ref = np.asarray(rec["nll_blocks"]), np.asarray(base["nll_blocks"])
+    delta, delta_se = float(arm.mean() - ref.mean()), textdata.paired_se(arm, ref)
+    gain = base["base_nll"] - base["trained_nll"]
+    recovery, recovery_se = -delta / gain, delta_se / gain
+    tokens = rec["report"]["tokens"]
+    rows.append({**{k: rec[k] for k in ("pair", "arm", "refined", "refine_seconds", "eval_seconds", "peak_rss_gb")},
+                 "nll": float(arm.mean()), "delta": delta, "delta_se": delta_se, "recovery": recovery,
+                 "recovery_se": recovery_se, "best_step": rec["report"]["best_step"], "tokens": tokens,
+                 "heldout": rec["report"]["heldout"], "losses": rec["report"]["losses"], "config": rec["report"]["config"]})
+    lines.append(f"| {rec['pair']} | {rec['arm']} | {arm.mean():.3f} | {delta:+.3f} (± {delta_se:.3f}) | "
+                 f"{100 * recovery:.0f}% (± {100 * recovery_se:.0f}%) | {rec['report']['shipped']} | {rec['report']['best_step']} | "
+                 f"{tokens['selected_tokens']}/{tokens['learnable_tokens']} | {rec['refine_seconds']:.0f} | {rec['eval_seconds']:.0f} |")
+  return rows, "\n".join(lines)
+
+
+def step_table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) -> str:
+  """Every checked step of every arm: held-out NLL next to what each held-back check said."""
+  lines = ["| pair | arm | step | NLL | Δ vs base (± s.e.) | recovery | held-back agreement | delta_error | nll_selected |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for rec in records:
+    base = bases.get(rec["pair"])
+    if base is None:
+      continue
+    ref = np.asarray(base["nll_blocks"])
+    gain = base["base_nll"] - base["trained_nll"]
+    checks = {str(e["step"]): e for e in rec["report"]["heldout"]}
+    for step, values in sorted(rec.get("nll_by_step", {}).items(), key=lambda kv: int(kv[0])):
+      arm = np.asarray(values)
+      delta = float(arm.mean() - ref.mean())
+      se = textdata.paired_se(arm, ref) if delta != 0.0 else 0.0
+      e = checks.get(step, {})
+      lines.append(f"| {rec['pair']} | {rec['arm']} | {step} | {arm.mean():.3f} | {delta:+.3f} (± {se:.3f}) | "
+                   f"{-100 * delta / gain:.0f}% | {e.get('agreement', float('nan')):.3f} | "
+                   f"{e.get('delta_error', float('nan')):.3f} | {e.get('nll_selected', float('nan')):.3f} |")
+  return "\n".join(lines)
+
+
+def write_results(cache_dir: pathlib.Path, out: pathlib.Path, note: str) -> None:
+  records = [json.loads(f.read_text()) for f in sorted((cache_dir / "records").glob("*.json"))]
+  bases = {json.loads(f.read_text())["pair"]: json.loads(f.read_text()) for f in sorted((cache_dir / "bases").glob("*.json"))}
+  rows, text = table(records, bases)
+  meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": platform.machine(),
+          "cpus": os.cpu_count(), "note": note,
+          "bases": {k: {kk: v[kk] for kk in ("base_nll", "trained_nll", "base_nll_reference", "blocks")} for k, v in bases.items()}}
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "refine.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+  base_lines = [f"- {k}: base {v['base_nll']:.3f} (JAX; results/quality.md: {v['base_nll_reference']:.3f}), "
+                f"trained {v['trained_nll']:.3f} (results/quality.json), {v['blocks']} blocks" for k, v in bases.items()]
+  commands = sorted({r["command"] for r in records})
+  md = ["# Refine by distillation from the source model (issue 12)", "", f"Measured {meta['date']} on {meta['machine']}, "
+        f"{meta['cpus']} CPU cores (shared with other jobs), JAX CPU.", "", note, "", "Targets:", *base_lines, "",
+        "Recovery = (base − arm) / (base − trained); s.e. is the paired standard error over blocks (the trained NLL's own "
+        "uncertainty is not in it). Tokens kept = selected / learnable student tokens of the training samples.", "", text, "",
+        "Every checked step (step 0 = the initial adapter; for a zero init, the base), with the held-back checks "
+        "on teacher text the student never trained on (agreement: correlation of the student's log-prob change "
+        "with the teacher's carried score; delta_error: their mean squared difference; nll_selected: the "
+        "student's NLL on the selected tokens):", "", step_table(records, bases), "",
+        "Commands:", *[f"- `{c}`" for c in commands], ""]
+  (out / "refine.md").write_text("\n".join(md))
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--pair", default="smollm2:qwen05", help="source:target short names (" + ", ".join(MODELS) + ")")
+  p.add_argument("--arms", default="topk30,null", help="comma list of " + ", ".join(ARMS))
+  p.add_argument("--blocks", type=int, default=32, help="held-out pydoc blocks of 128 tokens")
+  for flag, kind in (("tokens", int), ("sample_tokens", int), ("steps", int), ("batch", int), ("lr", float), ("seed", int),
+                     ("eval_every", int)):
+    p.add_argument(f"--{flag}", type=kind, default=None, help=f"RefineConfig.{flag} for every arm (default: RefineConfig's)")
+  p.add_argument("--cache_dir", default=str(REPO / ".cache" / "bench_refine"))
+  p.add_argument("--out", default=str(REPO / "results"))
+  p.add_argument("--note", default="", help="a status paragraph for the top of refine.md")
+  p.add_argument("--report_only", action="store_true")
+  args = p.parse_args(argv)
+  args.source, args.target = args.pair.split(":")
+  cache_dir = pathlib.Path(args.cache_dir)
+  for sub in ("records", "bases", "corpus"):
+    (cache_dir / sub).mkdir(parents=True, exist_ok=True)
+  if not args.report_only:
+    run(args, cache_dir)
+  write_results(cache_dir, pathlib.Path(args.out), args.note)
+  return 0
+
+
+def run(args, cache_dir: pathlib.Path) -> None:
+  from crosslora_jax.refine import runtime
+  state = {"source_dir": zoo.fetch_model(MODELS[args.source]), "target_dir": zoo.fetch_model(MODELS[args.target])}
+  state["target_lm"] = runtime.load_lm(state["target_dir"], None, "float32")
+  state["blocks"] = heldout_ids(state["target_dir"], args.blocks)
+  base_file = cache_dir / "bases" / f"{args.pair.replace(':', '-')}-{args.blocks}.json"
+  if base_file.exists():
+    state["base_blocks"] = json.loads(base_file.read_text())["nll_blocks"]
+  else:
+    t0 = time.perf_counter()
+    per_block = block_nll(state["target_lm"], None, None, state["blocks"])
+    ref = trained_reference(args.target, args.blocks)
+    base_file.write_text(json.dumps({"pair": args.pair, "blocks": args.blocks, "nll_blocks": per_block.tolist(),
+                                     "base_nll": float(per_block.mean()), "base_nll_reference": ref["base_nll"],
+                                     "trained_nll": ref["trained_nll"], "seconds": time.perf_counter() - t0}))
+    state["base_blocks"] = per_block.tolist()
+    log(f"base NLL {per_block.mean():.4f} (reference {ref['base_nll']:.4f}) in {time.perf_counter() - t0:.0f} s")
+  for name in args.arms.split(","):
+    config, _ = arm_config(name, args)
+    out = cache_dir / "records" / f"{record_key(args.pair, name, config, args.blocks)}.json"
+    if out.exists():
+      log(f"{name}: cached")
+      continue
+    log(f"{name}: refining")
+    record = run_arm(name, args, state)
+    out.write_text(json.dumps(record, indent=1))
+    log(f"{name}: NLL {np.mean(record['nll_blocks']):.4f}, shipped {record['report']['shipped']}, "
+        f"{record['refine_seconds']:.0f} s")
+    write_results(cache_dir, pathlib.Path(args.out), args.note)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
