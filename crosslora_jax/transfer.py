@@ -34,6 +34,13 @@ and downloaded into it only when missing and HF_HUB_OFFLINE is not set. Every ou
 folder gets a README.md model card (base_model = the target, library_name: peft).
 --plot FILE.png draws the per-layer diagnostics of the report (needs matplotlib).
 
+--refine distill then refines each moved adapter by distillation from the source model:
+the source base + its adapter writes text (cached on disk), a LoRA on the target
+started from the projection learns the tokens the adapter changed most, and a slice of
+that text held back picks the step that ships (or the projection, when no step beats
+it). The report gains a "refine" section; --plot draws its loss curve
+(crosslora_jax/refine/; the --refine_* flags).
+
 --orbax_output also writes each transferred adapter as an Orbax checkpoint of a flax.nnx
 LoRA tree (crosslora_jax.formats.orbax_io; see docs/flax.md), under the same guarantees.
 """
@@ -70,6 +77,7 @@ from crosslora_jax.formats import adapter_io  # noqa: E402
 from crosslora_jax.progress import ProgressBar  # noqa: E402
 from crosslora_jax import hub, plot  # noqa: E402
 from crosslora_jax.formats import model_card  # noqa: E402
+from crosslora_jax.refine import batch as refine_batch, cli_flags as refine_flags  # noqa: E402
 
 _DEFAULTS = engine.TransferConfig()  # every option's default is defined once, by the config dataclasses
 _INT64 = dict(lower_bound=-(2**63), upper_bound=2**63 - 1)
@@ -96,7 +104,8 @@ _SVD = flags.DEFINE_enum("svd", _DEFAULTS.svd, kernels.SVD_METHODS,
 _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Subspace cache folder: base-weight SVDs are saved here and "
                                  "reused by later runs (default: $CROSSLORA_CACHE/subspaces or "
                                  "~/.cache/crosslora_jax/subspaces).")
-_NO_CACHE = flags.DEFINE_bool("no_cache", False, "Neither read nor write the subspace cache (nor the XLA cache).")
+_NO_CACHE = flags.DEFINE_bool("no_cache", False, "Neither read nor write the subspace cache (nor the XLA cache, nor the "
+                             "--refine corpus cache).")
 _XLA_CACHE_DIR = flags.DEFINE_string("xla_cache_dir", None, "JAX's persistent compilation cache: compiled kernels "
                                      "are reused by later runs (default: $CROSSLORA_CACHE/xla or "
                                      "~/.cache/crosslora_jax/xla; empty disables it).")
@@ -130,6 +139,7 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "Progress bars on stderr (tqdm):
                               "--progress shows them anyway (logs), --noprogress never.")
 _PLOT = flags.DEFINE_string("plot", None, "Draw the per-layer diagnostics (energy captured, overlap, relative update, "
                             "skipped layers) into this .png file (needs matplotlib: pip install 'crosslora_jax[plot]').")
+flags.adopt_module_key_flags(refine_flags)  # the --refine* flags show in --help
 # Quiet by default (JAX logs backend probing at INFO); --verbosity=1 shows logs and tracebacks.
 flags.FLAGS.set_default("verbosity", logging.WARNING)
 
@@ -151,8 +161,12 @@ def run() -> list[engine.TransferResult]:
   Raises CrossLoraError on bad input, before any work where it can be known then.
   """
   adapters, names = _adapters_from_flags()
+  refine_config = refine_flags.config_from_flags() if refine_flags.enabled() else None
   plan = _plan_paths(adapters)
   config = config_from_flags(plan.cache_dir)
+  if refine_config is not None:
+    refine_config = refine_flags.with_cache(refine_config, plan.refine_cache_dir)
+    refine_flags.check_inputs(refine_config, hub.resolve_folder(_SOURCE.value), hub.resolve_folder(_TARGET.value))
   if plan.xla_cache_dir is not None:
     cache.enable_compilation_cache(plan.xla_cache_dir)
   if _PLOT.value:
@@ -161,7 +175,13 @@ def run() -> list[engine.TransferResult]:
   if not _PROGRESS.value:
     hub.hide_download_bars()
   results = engine.transfer(_SOURCE.value, _TARGET.value, adapters, config, progress=progress)
-  picture = plot.render_png([r.report for r in results]) if _PLOT.value else None  # before any output is written
+  if refine_config is not None:
+    results = refine_batch.refine_results(_SOURCE.value, _TARGET.value, adapters, results, refine_config,
+                                          from_projection=refine_flags.INIT.value == "projection",
+                                          skip_unsupported=config.skip_unsupported, progress=progress is not None)
+  reports = [r.report for r in results]
+  extra = refine_batch.plot_panels(reports) if refine_config is not None else ()
+  picture = plot.render_png(reports, extra=extra) if _PLOT.value else None  # before any output is written
   _commit(plan, names, results, config, cards=[_model_card(r, a) for r, a in zip(results, adapters)])
   if picture is not None:
     plot.write_png(_PLOT.value, picture)
@@ -203,11 +223,11 @@ class _Plan:
   """Checked output paths (resolved entries) and usable cache folders of one run."""
 
   def __init__(self, planned: dict[str, outputs.Planned], cache_dir: pathlib.Path | None,
-               xla_cache_dir: pathlib.Path | None):
+               xla_cache_dir: pathlib.Path | None, refine_cache_dir: pathlib.Path | None = None):
     self.output = planned["--output"].entry
     self.report = planned["--report"].entry if "--report" in planned else None
     self.orbax = planned["--orbax_output"].entry if "--orbax_output" in planned else None
-    self.cache_dir, self.xla_cache_dir = cache_dir, xla_cache_dir
+    self.cache_dir, self.xla_cache_dir, self.refine_cache_dir = cache_dir, xla_cache_dir, refine_cache_dir
 
 
 def _plan_paths(adapters: list[str]) -> _Plan:
@@ -216,6 +236,8 @@ def _plan_paths(adapters: list[str]) -> _Plan:
   inputs += [outputs.Planned.of("--adapter", a) for a in adapters]
   if _ADAPTER_DIR.value:
     inputs.append(outputs.Planned.of("--adapter_dir", _ADAPTER_DIR.value))
+  if refine_flags.enabled() and refine_flags.PROMPTS.value:
+    inputs.append(outputs.Planned.of("--refine_prompts", refine_flags.PROMPTS.value))
   kinds = {"--output": "folder", "--report": "file", "--orbax_output": "folder"}
   planned = {flag: outputs.Planned.of(flag, value) for flag, value in
              (("--output", _OUTPUT.value), ("--report", _REPORT.value), ("--orbax_output", _ORBAX_OUTPUT.value))
@@ -228,10 +250,14 @@ def _plan_paths(adapters: list[str]) -> _Plan:
       caches["--xla_cache_dir"] = (outputs.Planned.of("--xla_cache_dir",
                                                       _XLA_CACHE_DIR.value or cache.default_xla_cache_dir()),
                                    bool(_XLA_CACHE_DIR.value))
+    if refine_flags.enabled():
+      caches["--refine_cache_dir"] = (outputs.Planned.of("--refine_cache_dir", refine_flags.CACHE_DIR.value
+                                                         or refine_flags.default_cache_dir()),
+                                      bool(refine_flags.CACHE_DIR.value))
   outputs.check_disjoint(list(planned.values()), inputs, [c for c, _ in caches.values()])
   outputs.check_outputs({flag: (p, kinds[flag]) for flag, p in planned.items()}, overwrite=_OVERWRITE.value)
   usable = {flag: outputs.check_cache_folder(c, explicit=explicit) for flag, (c, explicit) in caches.items()}
-  return _Plan(planned, usable.get("--cache_dir"), usable.get("--xla_cache_dir"))
+  return _Plan(planned, usable.get("--cache_dir"), usable.get("--xla_cache_dir"), usable.get("--refine_cache_dir"))
 
 
 def _commit(plan: _Plan, names: list[str], results: list[engine.TransferResult],

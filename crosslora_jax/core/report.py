@@ -28,6 +28,7 @@ class Report:
   seconds_decompose: float
   output_dtype: str
   summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+  refine: dict[str, Any] | None = None  # the refine stage's report (``--refine distill``), else None
 
   @classmethod
   def build(cls, **kwargs) -> "Report":
@@ -52,7 +53,11 @@ class Report:
     return report
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """The report as JSON-ready data; ``refine`` only when a refine ran (plain reports stay as they were)."""
+    data = dataclasses.asdict(self)
+    if data["refine"] is None:
+      del data["refine"]
+    return data
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), indent=2, default=_jsonable)
@@ -84,7 +89,31 @@ class Report:
       reasons[x["reason"]] = reasons.get(x["reason"], 0) + 1
     for reason, n in reasons.items():
       lines.append(f"  skipped {n}: {reason}")
+    if self.refine is not None:
+      lines += refine_lines(self.refine)
     return "\n".join(lines)
+
+
+def refine_lines(refine: dict[str, Any]) -> list[str]:
+  """The refine section of the summary: corpus, tokens kept, loss, held-back check, what shipped, time."""
+  corpus, tokens, config = refine["corpus"], refine["tokens"], refine["config"]
+  losses, check = refine["losses"], config["check"]
+  best = next((e for e in refine["heldout"] if e["step"] == refine["best_step"]), None)
+  start = refine["heldout"][0] if refine["heldout"] else None
+  selected = (f"{config['selection']} {config['fraction']:g}" if config["selection"] == "topk" else config["selection"])
+  loss = f"{losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "n/a"
+  at_best = (f"{check} {best[check]:.4f} at step {refine['best_step']} (start {start[check]:.4f})"
+             if best is not None and start is not None else "n/a")
+  seconds = ", ".join(f"{phase.replace('_', ' ')} {s:.1f}" for phase, s in refine["seconds"].items())
+  return [
+      f"  refine distill (init {refine['init']}, r {refine['rank']}): teacher corpus {corpus['samples']} samples, "
+      f"{corpus['teacher_tokens']} tokens (cache {corpus['cache']})",
+      f"  tokens kept {tokens['selected_tokens']} of {tokens['learnable_tokens']} ({selected}); "
+      f"{tokens['train_samples']} samples trained on, {tokens['heldout_samples']} held back",
+      f"  training loss {loss} over {len(losses)} steps; held-back {at_best}",
+      f"  shipped {refine['shipped']}: {refine['guard']}",
+      f"  refine seconds: {seconds}",
+  ]
 
 
 def report_threshold(config: dict[str, Any]) -> str:
