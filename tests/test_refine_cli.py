@@ -57,10 +57,13 @@ def test_refine_distill_writes_a_peft_adapter_and_a_report_section(models, tmp_p
   assert refined.config["base_model_name_or_path"] == projected.config["base_model_name_or_path"]
   _, caught = load_with_adapter(models / "target", tmp_path / "out")
   assert caught == []
-  # The teacher's corpus was cached: a second run reads it back.
-  r = run_cli(models, tmp_path, "--output", tmp_path / "again", "--refine", "distill", *BUDGET)
+  # The teacher's corpus was cached: a second run reads it back, for each of two adapters with the same bytes.
+  shutil.copytree(models / "adapter", tmp_path / "twin")
+  r = run_cli(models, tmp_path, "--adapter", tmp_path / "twin", "--output", tmp_path / "again", "--refine", "distill",
+              *BUDGET)
   assert r.returncode == 0, r.stderr
-  assert "(cache hit)" in r.stdout
+  assert r.stdout.count("(cache hit)") == 2
+  assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["adapter", "twin"]
 
 
 def test_refine_none_is_a_plain_run(models, tmp_path):

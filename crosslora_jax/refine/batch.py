@@ -48,14 +48,18 @@ def _with_refine(result: Any, outcome: Any, from_projection: bool) -> Any:
 
 
 def plot_panels(reports: Sequence[Any]) -> list[Any]:
-  """Two extra ``--plot`` panels: training loss per step, and the held-back check at each checked step."""
+  """Two extra ``--plot`` panels: training loss per step, and the held-back check at each checked step.
+
+  ``reports``: Report objects or their dicts (a saved ``--report``) holding a refine section.
+  """
   from crosslora_jax.plot import Panel
+  reports = [r.to_dict() if hasattr(r, "to_dict") else r for r in reports]
   several = len(reports) > 1
   losses, checks = {}, {}
   check = "check"
   for report in reports:
-    refine = report.refine
-    name = f"{report.adapter}: " if several else ""
+    refine = report["refine"]
+    name = f"{report['adapter']}: " if several else ""
     losses[f"{name}train loss"] = (list(range(1, len(refine["losses"]) + 1)), refine["losses"])
     check = refine["config"]["check"]
     checks[f"{name}held-back {check}"] = ([e["step"] for e in refine["heldout"]],
