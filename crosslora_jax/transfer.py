@@ -127,7 +127,7 @@ def run() -> list[engine.TransferResult]:
     raise CrossLoraError(f"--adapter/--adapter_dir: folders with distinct names expected (they name the output subfolders), "
                          f"got {names}. Rename or copy one of them.")
   progress = ProgressBar() if _PROGRESS.value else None
-  results = engine.transfer(_SOURCE.value, _TARGET.value, adapters, config, progress=progress)
+  results = engine.transfer_adapters(_SOURCE.value, _TARGET.value, adapters, config, progress=progress)
   target_arch = engine.open_base(_TARGET.value).arch
   with adapter_io.atomic_folder(output, overwrite=_OVERWRITE.value) as tmp:
     for name, result in zip(names, results):

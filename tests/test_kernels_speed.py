@@ -172,13 +172,13 @@ def test_batch_of_adapters_equals_one_by_one(monkeypatch, method):
 
   monkeypatch.setattr(kernels, "project_cross_lora_adapters", spy)
   config = TransferConfig(rank=4, method=method, svd="randomized", chunk_layers=8)
-  together = engine.transfer(source, target, adapters, config)
+  together = engine.transfer_adapters(source, target, adapters, config)
   if method == "cross_lora":
     # Per module: the two rank-2 adapters on all layers in one call; rank 3 and the
     # layer subset each on their own.
     assert sorted(calls) == sorted([(2, 3), (1, 3), (1, 2)] * 2)
   for adapter, batched in zip(adapters, together):
-    alone = engine.transfer(source, target, [adapter], config)[0]
+    alone = engine.transfer_adapters(source, target, [adapter], config)[0]
     assert alone.adapter.config == batched.adapter.config
     assert alone.adapter.modules.keys() == batched.adapter.modules.keys()
     for path, pair in alone.adapter.modules.items():

@@ -69,7 +69,7 @@ SCRIPT = textwrap.dedent("""
     adapter = peft_format.PeftAdapter({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
                                        "target_modules": ["q_proj", "down_proj"]}, pairs)
     # 5 layers in chunks of 3 -> buckets of 3 padded to 4 (a multiple of the mesh) when sharded.
-    runs = [engine.transfer(source, target, [adapter], TransferConfig(rank=4, svd=svd, chunk_layers=3,
+    runs = [engine.transfer_adapters(source, target, [adapter], TransferConfig(rank=4, svd=svd, chunk_layers=3,
                                                                       shard_layers=shard))[0]
             for svd in ("exact", "randomized") for shard in (True, False)]
     # Exact: the same LAPACK call per matrix, so equal to float32 noise. Randomized: a batch
@@ -105,9 +105,9 @@ def test_one_device_means_no_mesh():
 
 def test_buckets_are_even_and_padded_to_the_mesh():
   from crosslora_jax.core import engine
-  assert [len(c) for c in engine._even_chunks(list(range(28)), 8)] == [7, 7, 7, 7]
-  assert [len(c) for c in engine._even_chunks(list(range(5)), 3)] == [3, 2]
-  assert engine._even_chunks([], 8) == []
-  assert sum(engine._even_chunks(list(range(30)), 8), []) == list(range(30))
+  assert [len(c) for c in engine.even_chunks(list(range(28)), 8)] == [7, 7, 7, 7]
+  assert [len(c) for c in engine.even_chunks(list(range(5)), 3)] == [3, 2]
+  assert engine.even_chunks([], 8) == []
+  assert sum(engine.even_chunks(list(range(30)), 8), []) == list(range(30))
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (sharding.AXIS,))
   assert sharding.round_up(7, mesh) == 7
