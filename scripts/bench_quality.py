@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from crosslora_jax.core import planning
+from crosslora_jax import methods as method_registry  # noqa: E402
 from crosslora_bench import textdata, zoo  # noqa: E402
 
 MODELS = {  # short name -> zoo name
@@ -68,7 +68,7 @@ VARIANTS = {"anchored-noguard": ("anchored", {"threshold": 0.0})}  # every modul
 
 def all_methods() -> tuple[str, ...]:
   """Engine methods, the random control, bench variants, and "<method>+cal" (--calibrate_norm)."""
-  engine = tuple(m for m in planning.METHODS if m not in BASE_METHODS) + tuple(VARIANTS)  # e.g. anchored
+  engine = tuple(m for m in method_registry.NAMES if m not in BASE_METHODS) + tuple(VARIANTS)  # e.g. anchored
   return BASE_METHODS + engine + ("cross_lora+cal",) + tuple(m + "+cal" for m in engine)
 
 
@@ -269,7 +269,8 @@ def parse_rank(text: str) -> int:
 
 
 def applicable(method: str, source: str, target: str) -> bool:
-  if method.removesuffix("+cal") in planning.SAME_SHAPE_METHODS:
+  spec = method_registry.REGISTRY.get(method.removesuffix("+cal"))
+  if spec is not None and spec.same_shape:
     return zoo.MODELS[MODELS[source]].shape == zoo.MODELS[MODELS[target]].shape
   return True
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from crosslora_jax import DictWeights, TransferConfig
+from crosslora_bench.adapters import random_adapter
 from crosslora_jax.core import cache, engine, kernels, sharding
 from crosslora_jax.formats import peft_format
 from crosslora_jax.formats.architectures import Architecture
@@ -27,15 +28,7 @@ def _weights(seed, name, config=CONFIG):
 
 
 def _adapter(arch, seed, r=2):
-  rng = np.random.default_rng(seed)
-  pairs = {}
-  for layer in range(arch.num_layers):
-    for module in MODULES:
-      out_dim, in_dim = arch.shape(module)
-      pairs[arch.module_path(layer, arch.stored_for(module)[0])] = peft_format.LoraPair(
-          rng.standard_normal((r, in_dim)).astype(np.float32), rng.standard_normal((out_dim, r)).astype(np.float32))
-  return peft_format.PeftAdapter({"peft_type": "LORA", "r": r, "lora_alpha": 4, "target_modules": list(MODULES)},
-                                 pairs)
+  return random_adapter(arch, seed=seed, rank=r, alpha=4, modules=MODULES)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
+from crosslora_bench.adapters import random_adapter
 from crosslora_jax.core import kernels
 
 
@@ -142,18 +143,7 @@ def _tiny_models():
 
 
 def _adapter(arch, seed, r, layers=None, modules=("q_proj", "up_proj")):
-  from crosslora_jax.formats import peft_format
-  rng = np.random.default_rng(seed)
-  config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": list(modules)}
-  if layers is not None:
-    config["layers_to_transform"] = list(layers)
-  pairs = {}
-  for layer in (range(arch.num_layers) if layers is None else layers):
-    for module in modules:
-      out_dim, in_dim = arch.shape(module)
-      pairs[arch.module_path(layer, arch.stored_for(module)[0])] = peft_format.LoraPair(
-          _rand(rng, r, in_dim), _rand(rng, out_dim, r))
-  return peft_format.PeftAdapter(config, pairs)
+  return random_adapter(arch, seed=seed, rank=r, modules=modules, layers=layers)
 
 
 @pytest.mark.parametrize("method", ["cross_lora", "truncate_pad"])

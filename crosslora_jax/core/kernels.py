@@ -23,6 +23,7 @@ from jax import lax
 
 HIGHEST = lax.Precision.HIGHEST
 SVD_METHODS = ("exact", "gram", "randomized")
+SEEDED_SVD_METHODS = ("randomized",)  # the SVD methods that draw from a PRNG key
 DEFAULT_SVD = "gram"  # chosen from measured accuracy and speed: BUILD_NOTES.md, "Speed (issue 3)"
 DEFAULT_OVERSAMPLES = 10
 DEFAULT_POWER_ITER = 2
@@ -175,22 +176,26 @@ def truncated_svd(w_oi: jax.Array, key: jax.Array | None = None, *, rank: int, m
     raise ValueError(f"w_oi: a 2-D (out, in) matrix expected, got shape {tuple(w.shape)}")
   if not 0 < rank <= min(w.shape):
     raise ValueError(f"rank: 1..min{tuple(w.shape)} expected, got {rank}")
-  if method == "exact":
-    u, s, v = _exact_svd(w, rank)
-  elif method == "gram":
-    u, s, v = _gram_svd(w, rank)
-  elif method == "randomized":
+  if method not in _SVD_SOLVERS:
+    raise ValueError(f"method expected one of {SVD_METHODS}, got {method!r}")
+  if method in SEEDED_SVD_METHODS:
     if key is None:
-      raise ValueError("method='randomized' needs a PRNG key")
+      raise ValueError(f"method={method!r} needs a PRNG key")
     if n_oversamples < 0 or n_power_iter < 0:
       raise ValueError(f"n_oversamples and n_power_iter: >= 0 expected, got {n_oversamples}, {n_power_iter}")
-    u, s, v = _randomized_svd(w, rank, key, n_oversamples, n_power_iter)
-  else:
-    raise ValueError(f"method expected one of {SVD_METHODS}, got {method!r}")
+  u, s, v = _SVD_SOLVERS[method](w, rank, key, n_oversamples, n_power_iter)
   u, v = canonicalize_signs(u, v)
   total = jnp.sum(jnp.square(w))
   energy = jnp.where(total > 0, jnp.sum(jnp.square(s)) / total, 1.0)
   return Subspace(u, s, v, energy)
+
+
+# method -> (w, rank, key, n_oversamples, n_power_iter) -> (u, s, v); options a method ignores are unused.
+_SVD_SOLVERS = {
+    "exact": lambda w, rank, key, n_oversamples, n_power_iter: _exact_svd(w, rank),
+    "gram": lambda w, rank, key, n_oversamples, n_power_iter: _gram_svd(w, rank),
+    "randomized": _randomized_svd,
+}
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "method", "n_oversamples", "n_power_iter"))

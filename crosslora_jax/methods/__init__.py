@@ -10,7 +10,7 @@ from crosslora_jax.errors import CrossLoraError
 from crosslora_jax.methods import anchored, copy, cross_lora, lora_x, truncate_pad
 from crosslora_jax.methods.base import Method, ProjectionBatch
 
-REGISTRY: dict[str, Method] = {method.name: method for method in (
+REGISTRY: dict[str, Method] = {m.name: m for m in (
     cross_lora.METHOD,
     lora_x.METHOD,
     copy.METHOD,
