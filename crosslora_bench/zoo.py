@@ -65,7 +65,7 @@ class ZooError(CrossLoraError):
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-  """What the converted ``config.json`` must say (DESIGN.md §5)."""
+  """What the converted ``config.json`` must say (the shapes pinned in MODELS)."""
 
   model_type: str
   architecture: str

@@ -17,7 +17,7 @@ what PEFT computes; the self pair checks this against PeftModel.from_pretrained.
 The random control draws Gaussian factors of the same LoRA rank per module and
 scales each ΔW to the Frobenius norm of cross_lora's ΔW for that module.
 ``<method>+cal`` is the engine's ``calibrate_norm`` option: each module rescaled so
-that ‖ΔW_t‖/‖W_t‖ = ‖ΔW_s‖/‖W_s‖ (issue 7's "norm-calibrated").
+that ‖ΔW_t‖/‖W_t‖ = ‖ΔW_s‖/‖W_s‖ ("norm-calibrated").
 
 Everything expensive is cached under --cache_dir (trained LoRAs, every NLL with
 its per-block values), so the benchmark can be run in pieces with --pairs /
@@ -463,7 +463,7 @@ def write_results(data: dict[str, Any], args, out: pathlib.Path) -> None:
                                              all_methods().index(r["method"]) if r["method"] in all_methods() else 99,
                                              parse_rank(r["rank"])))
   f = lambda v, p=3: "—" if v is None else f"{v:.{p}f}"
-  lines = ["# Transfer quality on real models (issue 6)", "",
+  lines = ["# Transfer quality on real models", "",
            f"Measured {meta['date']} on {meta['machine']}.", "",
            *([f"**Status.** {args.note}", ""] if args.note else []),
            "Produced in pieces (resumable; every NLL cached), by these runs:", "",

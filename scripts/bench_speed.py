@@ -1,4 +1,4 @@
-r"""Speed benchmark (issue 3): a paper-scale transfer on CPU against a PyTorch reference.
+r"""Speed benchmark: a paper-scale transfer on CPU against a PyTorch reference.
 
   python scripts/bench_speed.py                  # everything, writes results/speed.{md,json}
   python scripts/bench_speed.py --study accuracy # SVD methods vs exact on the real models (BUILD_NOTES)
@@ -601,7 +601,7 @@ def write_results(summary: dict[str, Any], out_dir: pathlib.Path) -> str:
   (out_dir / "speed.json").write_text(json.dumps(summary, indent=1) + "\n")
   fmt_acc = lambda d: ", ".join(f"{m.replace('_proj', '')} {v:.3g}" for m, v in d.items()) if d else "n/a"
   lines = [
-      "# Speed at paper scale (issue 3)",
+      "# Speed at paper scale",
       "",
       f"Measured {summary['date']} on {summary['machine']}. **No GPU was available in this task: "
       "the H200 target is not measured.** The 2 cores are shared with other jobs (load average "

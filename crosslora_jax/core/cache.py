@@ -68,7 +68,7 @@ def enable_compilation_cache(folder: str | os.PathLike[str]) -> None:
 
   A transfer compiles about 30 programs (one truncated SVD per module and model, the
   projections, the report's overlaps). On one H200 that was 152 s of a 170 s cold run
-  (cProfile: ``backend_compile_and_load``, 8-layer paper-scale run, BUILD_NOTES "Speed"),
+  (cProfile: ``backend_compile_and_load``, 8-layer paper-scale run, BUILD_NOTES "Speed and memory"),
   on 2 CPU cores about 0.3–0.5 s each; with this cache later runs with the same shapes
   load them instead. Call before the first computation; JAX ignores a cache it cannot write.
   """

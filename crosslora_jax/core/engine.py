@@ -71,8 +71,8 @@ class TransferConfig:
 
   def __post_init__(self):
     problems = []
-    if self.method not in methods.NAMES:
-      problems.append(f"--method: one of {', '.join(methods.NAMES)} expected, got {self.method!r}")
+    if self.method not in methods.REGISTRY:
+      problems.append(f"--method: one of {', '.join(methods.REGISTRY)} expected, got {self.method!r}")
     if not isinstance(self.rank, int) or self.rank <= 0:
       problems.append(f"--rank: a positive integer expected, got {self.rank!r}")
     if self.layer_map not in planning.LAYER_MAPS:

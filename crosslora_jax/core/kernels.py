@@ -24,7 +24,7 @@ from jax import lax
 HIGHEST = lax.Precision.HIGHEST
 SVD_METHODS = ("exact", "gram", "randomized")
 SEEDED_SVD_METHODS = ("randomized",)  # the SVD methods that draw from a PRNG key
-DEFAULT_SVD = "gram"  # chosen from measured accuracy and speed: BUILD_NOTES.md, "Speed (issue 3)"
+DEFAULT_SVD = "gram"  # chosen from measured accuracy and speed: BUILD_NOTES.md, "Speed and memory"
 DEFAULT_OVERSAMPLES = 10
 DEFAULT_POWER_ITER = 2
 _GRAM_OVERSAMPLES = 32  # eigh directions beyond the rank kept for gram's Rayleigh–Ritz step

@@ -83,7 +83,7 @@ def blas_threads(n: int | None):
   jaxlib's CPU linear algebra (QR, Cholesky, eigh, SVD) calls LAPACK from the
   OpenBLAS that scipy ships, which spins its own threads beside XLA's: on a busy
   2-core machine a 330x330 Cholesky took 0.6 s instead of 3 ms, and a 3072x3072 SVD
-  124 s instead of 26 s (BUILD_NOTES.md, "Speed"). Needs threadpoolctl; a no-op without it.
+  124 s instead of 26 s (BUILD_NOTES.md, "Speed and memory"). Needs threadpoolctl; a no-op without it.
   """
   if n is None:
     yield

@@ -17,14 +17,14 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     truncate_pad.METHOD,
     anchored.METHOD,
 )}
-NAMES = tuple(REGISTRY)
+NAMES = tuple(REGISTRY)  # the --method choices
 
 
 def get(name: str) -> Method:
   """The method called ``name``; a CrossLoraError naming the choices otherwise."""
   method = REGISTRY.get(name) if isinstance(name, str) else None
   if method is None:
-    raise CrossLoraError(f"--method: one of {', '.join(NAMES)} expected, got {name!r}.")
+    raise CrossLoraError(f"--method: one of {', '.join(REGISTRY)} expected, got {name!r}.")
   return method
 
 
