@@ -264,8 +264,9 @@ def transfer(source: str, target: str, adapter_dir: pathlib.Path, method: str, r
 
 
 def parse_rank(text: str) -> int:
-  """'full' -> every direction (clipped per weight by the engine); '-' (rank unused) -> 320."""
-  return 1 << 30 if text == "full" else 320 if text == "-" else int(text)
+  """'full' -> every direction (clipped per weight by the engine); '-' (rank unused) -> the default rank."""
+  from crosslora_jax import TransferConfig
+  return 1 << 30 if text == "full" else TransferConfig.rank if text == "-" else int(text)
 
 
 def applicable(method: str, source: str, target: str) -> bool:

@@ -99,16 +99,8 @@ class TransferConfig:
 
 @dataclasses.dataclass
 class TransferResult:
-  adapter: peft_format.PeftAdapter  # float32 factors, config for the target
-  report: Report
+  """One transferred adapter and its report."""
 
-  def save(self, folder: str | os.PathLike[str], dtype: Any | None = None) -> None:
-    from crosslora_jax.formats import adapter_io
-    adapter_io.save_adapter(self.adapter, folder, dtype=dtype)
-
-
-@dataclasses.dataclass
-class TransferResult:
   adapter: peft_format.PeftAdapter  # float32 factors, config for the target
   report: Report
 

@@ -351,15 +351,6 @@ def subspace_overlap(u_s: jax.Array, u_t: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("solver",))
-def batched_project_cross_lora(sub_s: Subspace, sub_t: Subspace, a_lri: jax.Array, b_lor: jax.Array,
-                               *, solver: str = "closed") -> Projected:
-  fn = functools.partial(project_cross_lora, solver=solver)
-  if solver == "lstsq":  # LAPACK inside
-    return map_layers(fn, sub_s, sub_t, a_lri, b_lor)
-  return jax.vmap(fn)(sub_s, sub_t, a_lri, b_lor)
-
-
-@functools.partial(jax.jit, static_argnames=("solver",))
 def project_cross_lora_adapters(sub_s: Subspace, sub_t: Subspace, a_nlri: jax.Array, b_nlor: jax.Array, *,
                                 solver: str = "closed") -> Projected:
   """Many adapters of one LoRA rank through one chunk's subspaces, in one call.
