@@ -150,8 +150,8 @@ class Anchors:
     skip = predicted < self.config.threshold
     factor = 0.0 if skip else (predicted if self.config.shrink else 1.0)
     proj = project_anchored(jnp.asarray(s_in.m), jnp.asarray(s_out.m),
-                            jnp.asarray(self.source._w(source_layer, module)),
-                            jnp.asarray(self.target._w(target_layer, module)),
+                            jnp.asarray(self.source.weight_oi(source_layer, module)),
+                            jnp.asarray(self.target.weight_oi(target_layer, module)),
                             jnp.asarray(a_ri), jnp.asarray(b_or), jnp.float32(factor),
                             use_base_scale=self.config.scale == "base")
     info = {

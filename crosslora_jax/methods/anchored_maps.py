@@ -164,7 +164,8 @@ class ModelProbes:
       return np.ones(self.arch.hidden, np.float32)
     return np.asarray(self.base.tensor(key), np.float32) + self.arch.spec.norm_offset
 
-  def _w(self, layer: int, module: str) -> np.ndarray:
+  def weight_oi(self, layer: int, module: str) -> np.ndarray:
+    """The (out, in) base weight of ``module`` at ``layer``, float32."""
     return np.asarray(self.base.weight(layer, module), np.float32)
 
   def probe(self, layer: int, name: str) -> np.ndarray:
@@ -179,7 +180,7 @@ class ModelProbes:
     elif side == "out" and out_space == RESIDUAL:
       value = self.out_probe
     elif module in ("q_proj", "k_proj", "v_proj"):  # out: heads
-      value = self.probe(layer, f"in:{module}") @ self._w(layer, module).T
+      value = self.probe(layer, f"in:{module}") @ self.weight_oi(layer, module).T
     elif module == "o_proj":  # in: v expanded to query heads by GQA group
       v = self.probe(layer, "out:v_proj").reshape(len(self.x), self.arch.num_kv_heads, self.arch.head_dim)
       value = np.repeat(v, self.arch.num_heads // self.arch.num_kv_heads, axis=1).reshape(len(self.x), -1)
@@ -192,9 +193,9 @@ class ModelProbes:
     key = (layer, "ffn")
     if key not in self._memo:
       r = self.probe(layer, "in:up_proj")
-      up = r @ self._w(layer, "up_proj").T
+      up = r @ self.weight_oi(layer, "up_proj").T
       if "gate_proj" in self.arch.modules:
-        value = np.asarray(self.act(jnp.asarray(r @ self._w(layer, "gate_proj").T))) * up
+        value = np.asarray(self.act(jnp.asarray(r @ self.weight_oi(layer, "gate_proj").T))) * up
       else:
         value = np.asarray(self.act(jnp.asarray(up)))
       self._memo[key] = value
