@@ -15,15 +15,18 @@ Methods:
   anchored      Map every space through ridge maps fitted on the two models' shared
                 vocabulary (needs tokenizer.json in both folders); a data-free guard
                 skips modules whose predicted transferability is below
-                --anchor_threshold and shrinks the rest (crosslora_jax/anchored.py).
+                --anchor_threshold and shrinks the rest (crosslora_jax/methods/anchored.py).
 
 --calibrate_norm (any method) rescales each module so that |dW_t|/|W_t| equals the
 source's |dW_s|/|W_s|; the report lists both ratios either way.
 
 With several --adapter flags, --output gets one subfolder per adapter (named after the
-adapter folder). Outputs are written to a temporary folder, checked, then renamed, so a
-failure leaves nothing half-written. Bad input exits with status 2 and one line naming
-the file, the key and the fix.
+adapter folder). Before any work every output and cache path is resolved and checked
+against the inputs and each other (crosslora_jax/outputs.py: inputs are never written);
+at the end the adapter folder, the report and the Orbax checkpoint are written beside
+their paths, verified, and swapped in together, so a failure leaves none of them new.
+Bad input exits with status 2 and one line naming the file, the key and the fix; an
+unexpected failure exits 1 with one line; SIGINT/SIGTERM exit 130/143 (docs/refusals.md).
 
 --orbax_output also writes each transferred adapter as an Orbax checkpoint of a flax.nnx
 LoRA tree (crosslora_jax.formats.orbax_io; see docs/flax.md), under the same guarantees.
@@ -31,21 +34,37 @@ LoRA tree (crosslora_jax.formats.orbax_io; see docs/flax.md), under the same gua
 
 from __future__ import annotations
 
-import gc
 import os
-import pathlib
 import signal
-import threading
 import sys
-from typing import Any
 
-from absl import app, flags, logging
 
-from crosslora_jax.methods import anchored
-from crosslora_jax.core import cache, engine, kernels, planning
-from crosslora_jax.formats import adapter_io
-from crosslora_jax.errors import CrossLoraError
-from crosslora_jax.progress import ProgressBar
+def _exit_at_once(signum: int, frame: object) -> None:
+  os._exit(128 + signum)  # nothing is written yet: leave with the signal's status, no traceback
+
+
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "crosslora-transfer":
+  # Until main() installs the unwinding handler, a signal while JAX loads just ends the process.
+  for _signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(_signum, _exit_at_once)
+
+import dataclasses  # noqa: E402  (after the early signal handlers: importing JAX takes seconds)
+import gc  # noqa: E402
+import math  # noqa: E402
+import pathlib  # noqa: E402
+import threading  # noqa: E402
+from typing import Any  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+
+from crosslora_jax import outputs  # noqa: E402
+from crosslora_jax.core import cache, engine, kernels, planning  # noqa: E402
+from crosslora_jax.errors import CrossLoraError, one_line  # noqa: E402
+from crosslora_jax.formats import adapter_io  # noqa: E402
+from crosslora_jax.progress import ProgressBar  # noqa: E402
+
+_DEFAULTS = engine.TransferConfig()  # every option's default is defined once, by the config dataclasses
+_INT64 = dict(lower_bound=-(2**63), upper_bound=2**63 - 1)
 
 _SOURCE = flags.DEFINE_string("source_model", None, "HF folder of the base model the adapter was trained on.")
 _TARGET = flags.DEFINE_string("target_model", None, "HF folder of the base model to move the adapter to.")
@@ -53,13 +72,13 @@ _ADAPTER = flags.DEFINE_multi_string("adapter", [], "PEFT adapter folder (repeat
 _ADAPTER_DIR = flags.DEFINE_string("adapter_dir", None, "A folder of adapters: every subfolder holding "
                                    "adapter_config.json is transferred (with any --adapter).")
 _OUTPUT = flags.DEFINE_string("output", None, "Output folder (one subfolder per adapter when several).")
-_METHOD = flags.DEFINE_enum("method", "cross_lora", planning.METHODS, "Transfer method (see above).")
-_RANK = flags.DEFINE_integer("rank", 320, "Truncation rank r of the base-weight SVDs; clipped per weight "
-                             "to min(r, m_s, n_s, m_t, n_t).")
-_LAYER_MAP = flags.DEFINE_enum("layer_map", "auto", planning.LAYER_MAPS,
+_METHOD = flags.DEFINE_enum("method", _DEFAULTS.method, planning.METHODS, "Transfer method (see above).")
+_RANK = flags.DEFINE_integer("rank", _DEFAULTS.rank, "Truncation rank r of the base-weight SVDs; clipped per weight "
+                             "to min(r, m_s, n_s, m_t, n_t).", upper_bound=2**31 - 1)
+_LAYER_MAP = flags.DEFINE_enum("layer_map", _DEFAULTS.layer_map, planning.LAYER_MAPS,
                                "identity: layer i -> i (paper); depth: by relative depth; "
                                "auto: identity when layer counts match, else depth.")
-_SVD = flags.DEFINE_enum("svd", kernels.DEFAULT_SVD, kernels.SVD_METHODS,
+_SVD = flags.DEFINE_enum("svd", _DEFAULTS.svd, kernels.SVD_METHODS,
                          "Truncated SVD algorithm: exact (full SVD), gram (eigh of the smaller Gram matrix) or "
                          "randomized (subspace iteration, seeded by --seed); accuracy and speed in BUILD_NOTES.md.")
 _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Subspace cache folder: base-weight SVDs are saved here and "
@@ -69,90 +88,137 @@ _NO_CACHE = flags.DEFINE_bool("no_cache", False, "Neither read nor write the sub
 _XLA_CACHE_DIR = flags.DEFINE_string("xla_cache_dir", None, "JAX's persistent compilation cache: compiled kernels "
                                      "are reused by later runs (default: $CROSSLORA_CACHE/xla or "
                                      "~/.cache/crosslora_jax/xla; empty disables it).")
-_CHUNK_LAYERS = flags.DEFINE_integer("chunk_layers", 8, "Layers decomposed per batched call: bounds memory.")
-_BLAS_THREADS = flags.DEFINE_integer("blas_threads", 1, "LAPACK/BLAS threads during the transfer (XLA's own "
-                                     "threads are not affected); 0 leaves them as they are.")
-_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed (randomized SVD).")
-_SOLVER = flags.DEFINE_enum("solver", "closed", ["closed", "lstsq"],
+_CHUNK_LAYERS = flags.DEFINE_integer("chunk_layers", _DEFAULTS.chunk_layers,
+                                     "Layers decomposed per batched call: bounds memory.", upper_bound=2**31 - 1)
+_BLAS_THREADS = flags.DEFINE_integer("blas_threads", _DEFAULTS.blas_threads or 0, "LAPACK/BLAS threads during the "
+                                     "transfer (XLA's own threads are not affected); 0 leaves them as they are.",
+                                     lower_bound=0, upper_bound=4096)
+_SEED = flags.DEFINE_integer("seed", _DEFAULTS.seed, "PRNG seed (randomized SVD).", **_INT64)
+_SOLVER = flags.DEFINE_enum("solver", _DEFAULTS.solver, ["closed", "lstsq"],
                             "Least-squares alignment: closed form U_s^T x, or jnp.linalg.lstsq.")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float16", "bfloat16", "float32"],
+_DTYPE = flags.DEFINE_enum("dtype", _DEFAULTS.dtype, ["float16", "bfloat16", "float32"],
                            "Output dtype (default: the adapter's own).")
 _REPORT = flags.DEFINE_string("report", None, "Write the JSON report here (per target weight details).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing outputs (--output, --report, --orbax_output).")
 _ORBAX_OUTPUT = flags.DEFINE_string(
     "orbax_output", None, "Also write each adapter as an Orbax checkpoint of a flax.nnx LoRA tree here "
     "(docs/flax.md); one subfolder per adapter when several. --overwrite applies to it too.")
 _SKIP_UNSUPPORTED = flags.DEFINE_bool(
-    "skip_unsupported", False, "Drop DoRA / embedding-LoRA / modules_to_save / lora_bias tensors "
+    "skip_unsupported", _DEFAULTS.skip_unsupported, "Drop DoRA / embedding-LoRA / modules_to_save / lora_bias tensors "
     "(listed in the report) instead of refusing the adapter.")
-_BASE_NAME = flags.DEFINE_string("base_model_name_or_path", None,
+_BASE_NAME = flags.DEFINE_string("base_model_name_or_path", _DEFAULTS.base_model_name,
                                  "base_model_name_or_path to write (default: the target's name).")
-_CALIBRATE = flags.DEFINE_bool("calibrate_norm", False, "Rescale each module so |dW_t|/|W_t| = |dW_s|/|W_s|.")
-_ANCHOR_THRESHOLD = flags.DEFINE_float("anchor_threshold", 0.25, "--method anchored: skip modules whose "
-                                       "predicted transferability (R2_in * R2_out) is below this.")
-_ANCHOR_TOKENS = flags.DEFINE_integer("anchor_tokens", 2048, "--method anchored: shared tokens used as probes.")
+_CALIBRATE = flags.DEFINE_bool("calibrate_norm", _DEFAULTS.calibrate_norm,
+                               "Rescale each module so |dW_t|/|W_t| = |dW_s|/|W_s|.")
+_ANCHOR_THRESHOLD = flags.DEFINE_float("anchor_threshold", _DEFAULTS.anchor.threshold, "--method anchored: skip "
+                                       "modules whose predicted transferability (R2_in * R2_out) is below this.")
+_ANCHOR_TOKENS = flags.DEFINE_integer("anchor_tokens", _DEFAULTS.anchor.tokens,
+                                      "--method anchored: shared tokens used as probes.", upper_bound=2**31 - 1)
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 # Quiet by default (JAX logs backend probing at INFO); --verbosity=1 shows logs and tracebacks.
 flags.FLAGS.set_default("verbosity", logging.WARNING)
 
 
-def config_from_flags() -> engine.TransferConfig:
+def config_from_flags(cache_dir: pathlib.Path | None = None) -> engine.TransferConfig:
+  if not math.isfinite(_ANCHOR_THRESHOLD.value):
+    raise CrossLoraError(f"--anchor_threshold: a finite number expected, got {_ANCHOR_THRESHOLD.value}.")
   return engine.TransferConfig(
       method=_METHOD.value, rank=_RANK.value, layer_map=_LAYER_MAP.value, svd=_SVD.value, seed=_SEED.value,
       solver=_SOLVER.value, dtype=_DTYPE.value, skip_unsupported=_SKIP_UNSUPPORTED.value,
       base_model_name=_BASE_NAME.value, calibrate_norm=_CALIBRATE.value, chunk_layers=_CHUNK_LAYERS.value,
-      cache_dir=None if _NO_CACHE.value else str(_CACHE_DIR.value or cache.default_cache_dir()),
-      blas_threads=_BLAS_THREADS.value or None,
-      anchor=anchored.AnchorConfig(tokens=_ANCHOR_TOKENS.value, threshold=_ANCHOR_THRESHOLD.value))
+      cache_dir=None if cache_dir is None else str(cache_dir), blas_threads=_BLAS_THREADS.value or None,
+      anchor=dataclasses.replace(_DEFAULTS.anchor, tokens=_ANCHOR_TOKENS.value, threshold=_ANCHOR_THRESHOLD.value))
 
 
 def run() -> list[engine.TransferResult]:
-  """Flags -> config -> engine.transfer -> atomic write. Raises CrossLoraError on bad input."""
+  """Flags -> checked paths and config -> engine.transfer_adapters -> all outputs committed together.
+
+  Raises CrossLoraError on bad input, before any work where it can be known then.
+  """
+  adapters, names = _adapters_from_flags()
+  plan = _plan_paths(adapters)
+  config = config_from_flags(plan.cache_dir)
+  if plan.xla_cache_dir is not None:
+    cache.enable_compilation_cache(plan.xla_cache_dir)
+  progress = ProgressBar() if _PROGRESS.value else None
+  results = engine.transfer_adapters(_SOURCE.value, _TARGET.value, adapters, config, progress=progress)
+  _commit(plan, names, results, config)
+  for result in results:
+    print(result.report.text())
+  print(f"wrote {one_line(_OUTPUT.value)}")  # a path may hold a newline: one line each, here too
+  if _ORBAX_OUTPUT.value:
+    print(f"wrote {one_line(_ORBAX_OUTPUT.value)}")
+  return results
+
+
+def _adapters_from_flags() -> tuple[list[str], list[str]]:
+  """The adapter folders to move and the output subfolder name of each; missing flags refused."""
   missing = [f"--{f.name}" for f in (_SOURCE, _TARGET, _OUTPUT) if not f.value]
   adapters = list(_ADAPTER.value) + (adapters_in(_ADAPTER_DIR.value) if _ADAPTER_DIR.value else [])
   if not adapters:
     missing.append("--adapter (or --adapter_dir)")
   if missing:
     raise CrossLoraError(f"command line: {', '.join(missing)} expected, got none. See --help.")
-  config = config_from_flags()
-  if not _NO_CACHE.value and _XLA_CACHE_DIR.value != "":
-    cache.enable_compilation_cache(_XLA_CACHE_DIR.value or cache.default_xla_cache_dir())
-  output = adapter_io.check_output_path(_OUTPUT.value, overwrite=_OVERWRITE.value)
-  if _REPORT.value:
-    adapter_io.check_output_path(_REPORT.value, overwrite=True, flag="--report")
-  if _ORBAX_OUTPUT.value:
-    adapter_io.check_output_path(_ORBAX_OUTPUT.value, overwrite=_OVERWRITE.value, flag="--orbax_output")
-  names = [pathlib.Path(a).name for a in adapters]
+  names = [pathlib.Path(os.path.realpath(a)).name for a in adapters]
   if len(set(names)) != len(names):
     raise CrossLoraError(f"--adapter/--adapter_dir: folders with distinct names expected (they name the output subfolders), "
                          f"got {names}. Rename or copy one of them.")
-  progress = ProgressBar() if _PROGRESS.value else None
-  results = engine.transfer_adapters(_SOURCE.value, _TARGET.value, adapters, config, progress=progress)
+  return adapters, names
+
+
+class _Plan:
+  """Checked output paths (resolved entries) and usable cache folders of one run."""
+
+  def __init__(self, planned: dict[str, outputs.Planned], cache_dir: pathlib.Path | None,
+               xla_cache_dir: pathlib.Path | None):
+    self.output = planned["--output"].entry
+    self.report = planned["--report"].entry if "--report" in planned else None
+    self.orbax = planned["--orbax_output"].entry if "--orbax_output" in planned else None
+    self.cache_dir, self.xla_cache_dir = cache_dir, xla_cache_dir
+
+
+def _plan_paths(adapters: list[str]) -> _Plan:
+  """Every output and cache checked against the inputs and each other before any work (outputs.py)."""
+  inputs = [outputs.Planned.of("--source_model", _SOURCE.value), outputs.Planned.of("--target_model", _TARGET.value)]
+  inputs += [outputs.Planned.of("--adapter", a) for a in adapters]
+  if _ADAPTER_DIR.value:
+    inputs.append(outputs.Planned.of("--adapter_dir", _ADAPTER_DIR.value))
+  kinds = {"--output": "folder", "--report": "file", "--orbax_output": "folder"}
+  planned = {flag: outputs.Planned.of(flag, value) for flag, value in
+             (("--output", _OUTPUT.value), ("--report", _REPORT.value), ("--orbax_output", _ORBAX_OUTPUT.value))
+             if value}
+  caches = {}
+  if not _NO_CACHE.value:
+    caches["--cache_dir"] = (outputs.Planned.of("--cache_dir", _CACHE_DIR.value or cache.default_cache_dir()),
+                             bool(_CACHE_DIR.value))
+    if _XLA_CACHE_DIR.value != "":
+      caches["--xla_cache_dir"] = (outputs.Planned.of("--xla_cache_dir",
+                                                      _XLA_CACHE_DIR.value or cache.default_xla_cache_dir()),
+                                   bool(_XLA_CACHE_DIR.value))
+  outputs.check_disjoint(list(planned.values()), inputs, [c for c, _ in caches.values()])
+  outputs.check_outputs({flag: (p, kinds[flag]) for flag, p in planned.items()}, overwrite=_OVERWRITE.value)
+  usable = {flag: outputs.check_cache_folder(c, explicit=explicit) for flag, (c, explicit) in caches.items()}
+  return _Plan(planned, usable.get("--cache_dir"), usable.get("--xla_cache_dir"))
+
+
+def _commit(plan: _Plan, names: list[str], results: list[engine.TransferResult],
+            config: engine.TransferConfig) -> None:
+  """Stages and verifies the adapter folder(s), the Orbax checkpoint and the report, then swaps all in."""
   target_arch = engine.open_base(_TARGET.value).arch
-  with adapter_io.atomic_folder(output, overwrite=_OVERWRITE.value) as tmp:
-    for name, result in zip(names, results):
-      folder = tmp / name if len(results) > 1 else tmp
-      folder.mkdir(exist_ok=True)
-      dtype = config.dtype or result.report.output_dtype
-      from crosslora_jax.formats import peft_format
-      peft_format.write_adapter_files(result.adapter, folder, peft_format.DTYPES[dtype])
-      adapter_io.verify_adapter_folder(folder, result.adapter, dtype, target_arch,
-                               shown_as=output / name if len(results) > 1 else output)
-    if _ORBAX_OUTPUT.value:  # inside the PEFT write, so a failure here leaves no --output either
-      from crosslora_jax.formats import orbax_io
+  by_name = dict(zip(names, results))
+  with adapter_io.transaction():
+    adapter_io.save_results({n: r.adapter for n, r in by_name.items()}, plan.output, overwrite=_OVERWRITE.value,
+                            dtype={n: adapter_io.output_dtype(r, config.dtype) for n, r in by_name.items()},
+                            target=target_arch)
+    if plan.orbax is not None:
       from crosslora_jax.core import pytree_api
-      orbax_io.save_adapters_as_nnx(_ORBAX_OUTPUT.value, {n: pytree_api.output_adapter(r, config)
-                                                          for n, r in zip(names, results)}, overwrite=_OVERWRITE.value)
-  if _REPORT.value:
-    report_json = (results[0].report.to_json() if len(results) == 1 else
-                   "[\n" + ",\n".join(r.report.to_json() for r in results) + "\n]")
-    adapter_io.write_text_atomic(_REPORT.value, report_json + "\n")
-  for result in results:
-    print(result.report.text())
-  print(f"wrote {output}")
-  if _ORBAX_OUTPUT.value:
-    print(f"wrote {_ORBAX_OUTPUT.value}")
-  return results
+      from crosslora_jax.formats import orbax_io
+      orbax_io.save_adapters_as_nnx(plan.orbax, {n: pytree_api.output_adapter(r, config) for n, r in by_name.items()},
+                                    overwrite=_OVERWRITE.value)
+    if plan.report is not None:
+      report_json = (results[0].report.to_json() if len(results) == 1 else
+                     "[\n" + ",\n".join(r.report.to_json() for r in results) + "\n]")
+      adapter_io.write_text_atomic(plan.report, report_json + "\n", overwrite=_OVERWRITE.value)
 
 
 def adapters_in(folder: str) -> list[str]:
@@ -168,19 +234,51 @@ def adapters_in(folder: str) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
+  """Runs the transfer; whatever goes wrong, stderr gets exactly one ``error:`` line.
+
+  Status 0: done; 2: bad input (CrossLoraError) or an operating-system error on a path
+  (disk, permissions); 1: an unexpected failure (a bug: please report it);
+  128 + signal number: SIGINT (130) or SIGTERM (143), with nothing half-written.
+  ``--verbosity=1`` re-raises, so the traceback shows.
+  """
   if len(argv) > 1:
-    print(f"command line: flags only expected, got extra arguments {argv[1:]}. See --help.", file=sys.stderr)
+    print(f"error: command line: flags only expected, got extra arguments {one_line(str(argv[1:]))}. See --help.",
+          file=sys.stderr)
     return 2
-  # A plain `kill` (SIGTERM) unwinds like Ctrl-C, so temporary folders are removed.
-  signal.signal(signal.SIGTERM, _terminate)
+  # A plain `kill` (SIGTERM) and Ctrl-C unwind the same way, so temporary outputs are removed.
+  previous = {signum: signal.signal(signum, _terminate) for signum in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    return _run_reporting_one_line()
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+    _stopping.clear()
+
+
+def _run_reporting_one_line() -> int:
   try:
     run()
+  except Interrupted as e:
+    return _fail(e, f"interrupted by {signal.Signals(e.signum).name}", e.code)
+  except KeyboardInterrupt as e:  # raised by code that installs its own SIGINT handling
+    return _fail(e, "interrupted by SIGINT", 128 + signal.SIGINT)
   except CrossLoraError as e:
-    if logging.get_verbosity() >= logging.DEBUG:
-      raise
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return _fail(e, str(e), 2)
+  except OSError as e:
+    where = f"{e.filename}: " if e.filename else ""
+    return _fail(e, f"{where}the operation expected to succeed, got {type(e).__name__} ({e.strerror or e}). "
+                    "Check the path, its permissions and free space.", 2)
+  except Exception as e:  # noqa: BLE001  (the promise is one line whatever the failure)
+    return _fail(e, f"unexpected {type(e).__name__}: {e}. This is a bug: please report it with --verbosity=1 "
+                    "output.", 1)
   return 0
+
+
+def _fail(e: BaseException, message: str, status: int) -> int:
+  if logging.get_verbosity() >= logging.DEBUG and not isinstance(e, Interrupted):
+    raise e
+  print(f"error: {one_line(message)}", file=sys.stderr)
+  return status
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -188,7 +286,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     rest = flags.FLAGS(argv)
   except flags.Error as e:
-    print(f"error: command line: {e}. See --help.", file=sys.stderr)
+    print(f"error: command line: {one_line(str(e))}. See --help.", file=sys.stderr)
     sys.exit(2)
   except SystemExit as e:  # absl exits 1 after printing --help; asking for help is no error
     help_flags = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
@@ -198,14 +296,28 @@ def _parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
+class Interrupted(SystemExit):
+  """SIGINT/SIGTERM, raised where the main thread is: a SystemExit, so ``except Exception`` lets it pass."""
+
+  def __init__(self, signum: int):
+    super().__init__(128 + signum)
+    self.signum = signum
+
+
+_stopping: list[int] = []  # the signal being handled: a second one must not interrupt the clean-up
+
+
 def _terminate(signum: int, frame: Any) -> None:
+  if _stopping:
+    return
   if _in_finalizer(frame):
     # An exception raised in a gc callback or __del__ is printed as "Exception ignored ...
     # Traceback" and dropped, so the run would go on (seen: SIGTERM inside JAX's
     # _xla_gc_callback). Deliver the signal again once out of it.
     threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
     return
-  raise SystemExit(128 + signum)
+  _stopping.append(signum)
+  raise Interrupted(signum)
 
 
 def _in_finalizer(frame: Any) -> bool:
@@ -219,8 +331,20 @@ def _in_finalizer(frame: Any) -> bool:
 
 
 def entry_point() -> None:
-  app.run(main, flags_parser=_parse_flags)
+  """The ``crosslora-transfer`` script and ``python -m crosslora_jax.transfer``."""
+  try:
+    app.run(main, flags_parser=_parse_flags)
+  except SystemExit as e:
+    status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+  else:
+    status = 0
+  # Every output is settled (all new or none, fsynced): leave without the interpreter's
+  # shutdown, which restores the default signal actions (a SIGTERM then kills the process
+  # after its work is done) and tears down under XLA's still-running threads.
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  entry_point()

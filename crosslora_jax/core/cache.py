@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import stat
 import pathlib
 import tempfile
 from typing import Any
@@ -155,6 +156,8 @@ class SubspaceCache:
     """The cached subspace (numpy float32), or None on a miss or a rejected entry."""
     path = self.path(key)
     try:
+      if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block read_bytes forever
+        return self._reject(path, "not a regular file")
       data = path.read_bytes()
     except FileNotFoundError:
       self.misses += 1
@@ -190,13 +193,18 @@ class SubspaceCache:
     key_json = key.to_json()
     meta = {"key": key_json, "sha256": _checksum(key_json, tensors)}
     folder = self.root / key.model
-    folder.mkdir(parents=True, exist_ok=True)
-    if describe is not None and key.model not in self._described:
-      self._described.add(key.model)
-      info = folder / "model.json"
-      if not info.exists():
-        _atomic_write_bytes(info, (json.dumps(describe, indent=2, sort_keys=True) + "\n").encode())
-    _atomic_write_bytes(self.path(key), st_save(tensors, metadata=meta))
+    try:  # a cache is an optimisation: a full disk or an entry replaced by a folder skips the write
+      folder.mkdir(parents=True, exist_ok=True)
+      if describe is not None and key.model not in self._described:
+        self._described.add(key.model)
+        info = folder / "model.json"
+        if not info.exists():
+          _atomic_write_bytes(info, (json.dumps(describe, indent=2, sort_keys=True) + "\n").encode())
+      _atomic_write_bytes(self.path(key), st_save(tensors, metadata=meta))
+    except OSError as e:
+      logging.warning("subspace cache: %s: not written (%s: %s); the run goes on without it",
+                      self.path(key), type(e).__name__, e.strerror or e)
+      return
     self.writes += 1
 
   def _reject(self, path: pathlib.Path, why: str) -> None:

@@ -106,7 +106,7 @@ class TransferResult:
 
   def save(self, folder: PathLike, dtype: Any | None = None) -> None:
     from crosslora_jax.formats import adapter_io
-    adapter_io.save_adapter(self.adapter, folder, dtype=dtype)
+    adapter_io.save_result(self, folder, dtype=dtype)  # the CLI's save path and dtype rule
 
 
 @dataclasses.dataclass

@@ -14,42 +14,53 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import json
-import logging
 import os
 import pathlib
-import re
 import shutil
+import signal
 import sys
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-import numpy as np
-from safetensors import safe_open
-
 from crosslora_jax.formats import peft_format
+from crosslora_jax.formats.leftovers import leftovers as leftovers
+from crosslora_jax.formats.leftovers import parent_of, remove_path
+from crosslora_jax.formats.leftovers import recover_previous_output as recover_previous_output
+from crosslora_jax.formats.leftovers import remove_leftovers as remove_leftovers
+from crosslora_jax.formats.adapter_verify import verify_adapter_folder as verify_adapter_folder
 from crosslora_jax.formats.architectures import Architecture
 from crosslora_jax.errors import CrossLoraError
 
-_log = logging.getLogger(__name__)
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
-_LEFTOVER_KINDS = ("tmp", "old", "probe")
 
 
-def check_output_path(folder: str | os.PathLike[str], *, overwrite: bool, flag: str = "--output") -> pathlib.Path:
+def check_output_path(folder: str | os.PathLike[str], *, overwrite: bool, flag: str = "--output",
+                      kind: str = "folder") -> pathlib.Path:
   """Fails early (before any work) if ``folder`` exists without overwrite or cannot be written.
 
-  Writability is probed by creating (and removing) a folder beside it: permission
-  bits alone say nothing for root, read-only mounts or /proc.
+  Anything at the path counts as existing, a dangling symlink included. With
+  ``overwrite``, an existing entry must be of ``kind`` ("folder" or "file"; a symlink
+  itself is replaced, never what it points to). Writability is probed by creating
+  (and removing) a folder beside it: permission bits alone say nothing for root,
+  read-only mounts or /proc.
   """
   folder = pathlib.Path(folder)
+  if folder.name in ("", ".", ".."):
+    raise CrossLoraError(f"{folder}: a path ending in a new name expected for {flag}, got {str(folder)!r}. "
+                         f"Name the {kind} to write.")
   recover_previous_output(folder)
-  if folder.exists() and not overwrite:
-    raise CrossLoraError(f"{folder}: a path that does not exist expected, got an existing "
-                         f"{'folder' if folder.is_dir() else 'file'}. Pass --overwrite to replace it.")
-  parent = _parent(folder)
+  if os.path.lexists(folder):
+    found = _entry_kind(folder)
+    if not overwrite:
+      raise CrossLoraError(f"{folder}: a path that does not exist expected, got an existing {found}. "
+                           f"Pass --overwrite to replace it.")
+    if found not in (kind, "symlink", "dangling symlink"):
+      raise CrossLoraError(f"{folder}: {flag} expected to be a {kind} (or nothing), got an existing {found}. "
+                           f"Choose another {flag}; a {found} is never replaced by a {kind}.")
+  parent = parent_of(folder)
   if not parent.is_dir():
     fix = f"Choose another {flag}" if parent.exists() else "Create it first"
     raise CrossLoraError(f"{folder}: an existing parent folder expected, got {'a file' if parent.exists() else 'nothing'} "
@@ -62,88 +73,104 @@ def check_output_path(folder: str | os.PathLike[str], *, overwrite: bool, flag: 
   return folder
 
 
-def leftovers(folder: str | os.PathLike[str]) -> list[pathlib.Path]:
-  """``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>-*`` siblings of ``folder`` whose process is gone."""
-  folder = pathlib.Path(folder)
-  parent = _parent(folder)
-  pattern = re.compile(rf"\.{re.escape(folder.name)}\.(?:{'|'.join(_LEFTOVER_KINDS)})-(\d+)-.+")
-  found = []
-  for path in sorted(parent.glob(f".{_glob_escape(folder.name)}.*-*")):
-    match = pattern.fullmatch(path.name)
-    if match is not None and not _pid_alive(int(match.group(1))):
-      found.append(path)
-  return found
-
-
-def _glob_escape(name: str) -> str:
-  return re.sub(r"([*?[])", r"[\1]", name)
-
-
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
-def recover_previous_output(folder: pathlib.Path) -> None:
-  """Puts the previous output back if a run was killed inside the fallback swap.
-
-  Without RENAME_EXCHANGE, replace_folder moves the old output to
-  ``.<name>.old-<pid>-*/<name>`` before renaming the new one in; a kill between the
-  two renames leaves ``folder`` missing and the old output whole in there.
-  """
-  if folder.exists() or folder.is_symlink():
-    return
-  kept = [p / folder.name for p in leftovers(folder) if ".old-" in p.name and (p / folder.name).exists()]
-  if len(kept) == 1:
-    with contextlib.suppress(OSError):  # if it cannot be moved back, it stays clearly named
-      os.rename(kept[0], folder)
-      _log.warning("restored %s from %s, left by a killed run", folder, kept[0])
-
-
-def remove_leftovers(folder: pathlib.Path) -> None:
-  """Deletes what killed earlier runs left beside ``folder`` (see :func:`leftovers`).
-
-  A stale ``.old-`` is kept while ``folder`` itself is missing: it may be the only
-  copy of the previous output (see :func:`recover_previous_output`).
-  """
-  for path in leftovers(folder):
-    if ".old-" in path.name and not (folder.exists() or folder.is_symlink()):
-      continue
-    _log.info("removing %s, left by a killed run", path)
-    _remove(path)
-
-
-def _remove(path: pathlib.Path) -> None:
-  if path.is_dir() and not path.is_symlink():
-    shutil.rmtree(path, ignore_errors=True)
-  else:
-    with contextlib.suppress(OSError):
-      path.unlink()
-
-
-def _parent(path: pathlib.Path) -> pathlib.Path:
-  """The folder holding the entry ``path`` (a symlink's own folder, not its target's)."""
-  return pathlib.Path(os.path.abspath(path)).parent
+def _entry_kind(path: pathlib.Path) -> str:
+  if path.is_symlink():
+    return "symlink" if path.exists() else "dangling symlink"
+  if path.is_dir():
+    return "folder"
+  return "file" if path.is_file() else "special file"
 
 
 def _sibling(folder: pathlib.Path, kind: str) -> pathlib.Path:
   """A fresh, clearly named folder beside ``folder``: ``.<name>.<kind>-<pid>-<random>``."""
-  return pathlib.Path(tempfile.mkdtemp(prefix=f".{folder.name}.{kind}-{os.getpid()}-", dir=_parent(folder)))
+  return pathlib.Path(tempfile.mkdtemp(prefix=f".{folder.name}.{kind}-{os.getpid()}-", dir=parent_of(folder)))
+
+
+class _Transaction:
+  """Outputs staged and verified, swapped in together at the end (see :func:`transaction`)."""
+
+  def __init__(self) -> None:
+    self.staged: list[tuple[pathlib.Path, pathlib.Path]] = []  # (temporary sibling, final path)
+
+  def discard(self) -> None:
+    for tmp, _ in self.staged:
+      remove_path(tmp)
+    self.staged.clear()
+
+  def commit(self) -> None:
+    """Swaps every staged output in; if one swap fails, the ones done are swapped back."""
+    done: list[tuple[pathlib.Path, pathlib.Path, pathlib.Path | None]] = []  # (tmp, final, old)
+    try:
+      for tmp, final in self.staged:
+        done.append((tmp, final, _swap_in(tmp, final)))
+    except OSError as e:
+      for tmp, final, old in reversed(done):
+        with contextlib.suppress(OSError):
+          _swap_back(tmp, final, old)
+      self.discard()
+      raise _write_error(final, e) from None
+    for _, final, _ in done:
+      _fsync_dir(parent_of(final))
+    for _, final, old in done:
+      if old is not None:
+        _dispose(old, final)
+    self.staged.clear()
+
+
+_active: list[_Transaction] = []
 
 
 @contextlib.contextmanager
-def atomic_folder(folder: str | os.PathLike[str], *, overwrite: bool) -> Iterator[pathlib.Path]:
+def transaction() -> Iterator[None]:
+  """Inside it, :func:`atomic_folder` and :func:`write_text_atomic` stage and verify but do not swap.
+
+  At the end every staged output is swapped in, back to back with SIGINT/SIGTERM held
+  off, so a run ends with all its outputs new or none of them; on any error (or a
+  signal) before that, every staged output is removed and nothing existing changed.
+  """
+  txn = _Transaction()
+  _active.append(txn)
+  try:
+    yield
+  except BaseException:
+    txn.discard()
+    raise
+  finally:
+    _active.remove(txn)
+  with _signals_held():
+    txn.commit()
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+  held = {signal.SIGINT, signal.SIGTERM}
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+  try:
+    yield
+  finally:
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a signal that came meanwhile is delivered now
+
+
+def _finish(tmp: pathlib.Path, final: pathlib.Path) -> None:
+  """Swaps a verified temporary output in now, or defers it to the open transaction."""
+  if _active:
+    _active[-1].staged.append((tmp, final))
+  else:
+    replace_folder(tmp, final)
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | os.PathLike[str], *, overwrite: bool, flag: str = "--output") -> Iterator[pathlib.Path]:
   """Yields a temporary sibling folder; on success it replaces ``folder`` whole.
 
   On any error the temporary folder is removed and ``folder`` is untouched; an
-  OSError (disk full, permissions) becomes one CrossLoraError line.
+  OSError (disk full, permissions) becomes one CrossLoraError line. Inside a
+  :func:`transaction` the swap waits for the transaction's end.
   """
-  folder = check_output_path(folder, overwrite=overwrite)
+  folder = check_output_path(folder, overwrite=overwrite, flag=flag)
   remove_leftovers(folder)
   try:
     tmp = _sibling(folder, "tmp")
@@ -152,7 +179,7 @@ def atomic_folder(folder: str | os.PathLike[str], *, overwrite: bool) -> Iterato
   try:
     yield tmp
     _fsync_tree(tmp)
-    replace_folder(tmp, folder)
+    _finish(tmp, folder)
   except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
     if isinstance(e, OSError):
@@ -217,136 +244,119 @@ def exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
 
 
 def replace_folder(new: pathlib.Path, folder: pathlib.Path) -> None:
-  """Moves ``new`` to ``folder``, swapping atomically with an existing ``folder``.
+  """Moves ``new`` (a folder or file) to ``folder``, swapping atomically with an existing ``folder``.
 
   The previous output ends up in ``.<name>.old-<pid>-*`` and is deleted; failing
   to delete it does not fail the write (the next write removes it).
   """
-  parent = _parent(folder)
-  if not (folder.exists() or folder.is_symlink()):
+  old = _swap_in(new, folder)
+  _fsync_dir(parent_of(folder))
+  if old is not None:
+    _dispose(old, folder)
+
+
+def _swap_in(new: pathlib.Path, folder: pathlib.Path) -> pathlib.Path | None:
+  """Puts ``new`` at ``folder``; returns where the previous entry now is (None: there was none)."""
+  if not os.path.lexists(folder):
     os.rename(new, folder)
-    _fsync_dir(parent)
-    return
+    return None
   if exchange(new, folder):
-    _fsync_dir(parent)
-    with contextlib.suppress(OSError):  # ``new`` now holds the previous output
-      old = _sibling(folder, "old")
-      os.rename(new, old / folder.name)
-      _remove(old)
-    return
+    return new  # ``new`` now holds the previous output
   old = _sibling(folder, "old")
   os.rename(folder, old / folder.name)
   try:
     os.rename(new, folder)
   except OSError:
     os.rename(old / folder.name, folder)  # put the previous output back
-    _remove(old)
+    remove_path(old)
     raise
-  _fsync_dir(parent)
-  _remove(old)
+  return old
 
 
-def write_text_atomic(file: str | os.PathLike[str], text: str) -> None:
-  """Writes a small text file (the report) via a temporary sibling and os.replace."""
-  file = pathlib.Path(file)
+def _swap_back(new: pathlib.Path, folder: pathlib.Path, old: pathlib.Path | None) -> None:
+  """Undoes :func:`_swap_in`: the previous entry (if any) back at ``folder``, ours back at ``new``."""
+  if old is None:
+    os.rename(folder, new)
+  elif old == new:
+    if not exchange(new, folder):
+      raise OSError(errno.ENOTSUP, "cannot exchange back", str(folder))
+  else:
+    os.rename(folder, new)
+    os.rename(old / folder.name, folder)
+    remove_path(old)
+
+
+def _dispose(old: pathlib.Path, folder: pathlib.Path) -> None:
+  """Deletes the previous output, moved aside by :func:`_swap_in`, under a clear ``.old-`` name."""
+  with contextlib.suppress(OSError):
+    if ".old-" not in old.name:
+      aside = _sibling(folder, "old")
+      os.rename(old, aside / folder.name)
+      old = aside
+    remove_path(old)
+
+
+def write_text_atomic(file: str | os.PathLike[str], text: str, *, overwrite: bool = True,
+                      flag: str = "--report") -> pathlib.Path:
+  """Writes a small text file (the report) via a temporary sibling swapped in at the end."""
+  file = check_output_path(file, overwrite=overwrite, flag=flag, kind="file")
   tmp = None
   try:
-    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.tmp-{os.getpid()}-", dir=_parent(file))
+    fd, name = tempfile.mkstemp(prefix=f".{file.name}.tmp-{os.getpid()}-", dir=parent_of(file))
+    tmp = pathlib.Path(name)
     with os.fdopen(fd, "w") as f:
       f.write(text)
       f.flush()
       os.fsync(f.fileno())
-    os.replace(tmp, file)
-  except OSError as e:
+    if tmp.read_text() != text:
+      raise CrossLoraError(f"{file}: output verification failed: the text written does not read back. "
+                           "Nothing was written; please report this as a bug.")
+    _finish(tmp, file)
+  except BaseException as e:
     if tmp is not None:
       with contextlib.suppress(OSError):
         os.unlink(tmp)
-    raise CrossLoraError(f"{file}: a complete write expected, got {_describe(e)}. "
-                         "Free disk space or choose another path.") from None
+    if isinstance(e, OSError):
+      raise CrossLoraError(f"{file}: a complete write expected, got {_describe(e)}. "
+                           "Free disk space or choose another path.") from None
+    raise
+  return file
 
 
-def verify_adapter_folder(folder: pathlib.Path, expected: peft_format.PeftAdapter, dtype: Any,
-                          target: Architecture | None = None, *,
-                          shown_as: str | os.PathLike[str] | None = None) -> None:
-  """Re-opens a written adapter and checks it against what was computed and against ``target``.
-
-  Every key, shape, dtype and byte of adapter_model.safetensors must equal
-  ``expected`` cast to ``dtype`` (None: as held); adapter_config.json must parse
-  back to ``expected.config`` and select exactly the written modules with their
-  ranks; with ``target``, every module must exist in the target with matching
-  (out, in) sizes. Any difference is a bug, never a user error, but it is still
-  raised as CrossLoraError so that nothing broken is renamed into place. Messages
-  name ``shown_as`` (the final output path) instead of the temporary ``folder``.
-  """
-  np_dtype = peft_format.DTYPES[dtype] if isinstance(dtype, str) else dtype
-  file = folder / peft_format.WEIGHTS_FILE
-  want = peft_format.adapter_tensors(expected, np_dtype)
-  problems = []
-  try:
-    with safe_open(str(file), framework="np") as f:
-      if (f.metadata() or {}).get("format") != "pt":
-        problems.append(f"{file}: metadata format 'pt' expected, got {f.metadata()!r}")
-      keys = set(f.keys())
-      if keys != set(want):
-        problems.append(f"{file}: {len(want)} keys expected, got {len(keys)} (differ: {sorted(keys ^ set(want))[:3]})")
-      for key in sorted(keys & set(want)):
-        got = f.get_tensor(key)
-        if got.shape != want[key].shape:
-          problems.append(f"{file}: {key}: shape expected {want[key].shape}, got {got.shape}")
-        elif got.dtype != want[key].dtype:
-          problems.append(f"{file}: {key}: dtype expected {want[key].dtype}, got {got.dtype}")
-        elif got.tobytes() != want[key].tobytes():
-          problems.append(f"{file}: {key}: the computed values expected, got different bytes")
-  except Exception as e:  # safetensors' own error types
-    problems.append(f"{file}: a readable safetensors file expected, got {type(e).__name__}: {e}")
-  if not problems:
-    try:
-      written = peft_format.read_adapter(folder)  # config parse, pairing, target_modules, ranks, finite
-    except CrossLoraError as e:
-      problems.append(str(e).rstrip("."))
-    else:
-      problems += _check_written(folder, written, expected, target)
-  if problems:
-    message = (f"{folder}: output verification failed: " + "; ".join(problems[:5])
-               + ". Nothing was written; please report this as a bug.")
-    raise CrossLoraError(message.replace(str(folder), str(shown_as or folder)))
-
-
-def _check_written(folder: pathlib.Path, written: peft_format.PeftAdapter, expected: peft_format.PeftAdapter,
-                   target: Architecture | None) -> list[str]:
-  problems = []
-  config_file = folder / peft_format.CONFIG_FILE
-  if written.config != json.loads(json.dumps(expected.config)):
-    problems.append(f"{config_file}: the computed config expected, got a different one")
-  if set(written.modules) != set(expected.modules):
-    problems.append(f"{config_file}: modules {sorted(expected.modules)[:3]} expected, got {sorted(written.modules)[:3]}")
-  for path in sorted(set(written.modules) & set(expected.modules)):
-    if not np.isclose(written.scaling(path), expected.scaling(path), rtol=1e-6):
-      problems.append(f"{config_file}: {path}: scaling {expected.scaling(path)} expected, got {written.scaling(path)}")
-  if target is None:
-    return problems
-  if bool(written.config.get("fan_in_fan_out")) != target.spec.conv1d:
-    problems.append(f"{config_file}: fan_in_fan_out {target.spec.conv1d} expected for {target.model_type}, "
-                    f"got {written.config.get('fan_in_fan_out')!r}")
-  for path, pair in sorted(written.modules.items()):
-    key = peft_format.lora_key(path, "A")
-    parsed = target.parse_module_path(path)
-    if parsed is None or parsed[0] >= target.num_layers:
-      problems.append(f"{folder / peft_format.WEIGHTS_FILE}: {key}: a module of the target model "
-                      f"({target.model_type}, {target.num_layers} layers) expected, got none")
-      continue
-    out_dim, in_dim = target.stored_shape(parsed[1])
-    if pair.a_ri.shape[1] != in_dim or pair.b_or.shape[0] != out_dim:
-      problems.append(f"{folder / peft_format.WEIGHTS_FILE}: {key}: lora_A (r, {in_dim}) and lora_B ({out_dim}, r) "
-                      f"expected from the target, got {pair.a_ri.shape} and {pair.b_or.shape}")
-  return problems
+def output_dtype(result: Any, dtype: Any | None = None) -> Any:
+  """The one dtype rule for writing a transfer result: ``dtype`` if given, else the report's
+  ``output_dtype`` (the requested --dtype, else the source adapter's own)."""
+  return dtype if dtype is not None else result.report.output_dtype
 
 
 def save_adapter(adapter: peft_format.PeftAdapter, folder: str | os.PathLike[str], *, dtype: Any | None = None,
                  overwrite: bool = False, target: Architecture | None = None) -> pathlib.Path:
-  """Writes a PEFT folder atomically (temp folder, verify, swap in)."""
-  np_dtype = peft_format.DTYPES[dtype] if isinstance(dtype, str) else dtype
+  """Writes a PEFT folder atomically (temp folder, verify, swap in); ``dtype`` None keeps the adapter's."""
+  return save_results({"": adapter}, folder, dtype=dtype, overwrite=overwrite, target=target)
+
+
+def save_results(adapters: Mapping[str, peft_format.PeftAdapter], folder: str | os.PathLike[str], *,
+                 dtype: Any | Mapping[str, Any] | None = None, overwrite: bool = False,
+                 target: Architecture | None = None) -> pathlib.Path:
+  """Writes adapters by name atomically: one fills ``folder``, several get a subfolder each.
+
+  ``dtype``: one for all, or one per name (None: as held). Each folder is re-read and
+  checked (:func:`verify_adapter_folder`) before anything is swapped in.
+  """
+  folder = pathlib.Path(folder)
   with atomic_folder(folder, overwrite=overwrite) as tmp:
-    peft_format.write_adapter_files(adapter, tmp, np_dtype)
-    verify_adapter_folder(tmp, adapter, np_dtype, target, shown_as=folder)
-  return pathlib.Path(folder)
+    for name, adapter in adapters.items():
+      sub, shown = (tmp / name, folder / name) if len(adapters) > 1 else (tmp, folder)
+      sub.mkdir(exist_ok=True)
+      one = dtype.get(name) if isinstance(dtype, Mapping) else dtype
+      np_dtype = peft_format.DTYPES[one] if isinstance(one, str) else one
+      peft_format.write_adapter_files(adapter, sub, np_dtype)
+      verify_adapter_folder(sub, adapter, np_dtype, target, shown_as=shown)
+  return folder
+
+
+def save_result(result: Any, folder: str | os.PathLike[str], *, dtype: Any | None = None, overwrite: bool = False,
+                target: Architecture | None = None) -> pathlib.Path:
+  """``TransferResult.save`` and the CLI: the adapter in :func:`output_dtype`, atomically and verified."""
+  return save_results({"": result.adapter}, folder, dtype=output_dtype(result, dtype), overwrite=overwrite,
+                      target=target)

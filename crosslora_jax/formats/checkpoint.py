@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -18,24 +19,74 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy before safetensor
 import numpy as np
 from safetensors import safe_open
 
+from crosslora_jax.formats import jsonfile, safefiles
 from crosslora_jax.formats.architectures import Architecture, to_out_in
 from crosslora_jax.errors import CrossLoraError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
+# safetensors dtype names: what a base weight may be stored as, and why the rest is refused.
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_DTYPE_FIX = {
+    "F8": "float8 weights are not supported: convert the checkpoint to bfloat16 first "
+          "(load it with transformers and save_pretrained with torch_dtype=torch.bfloat16)",
+    "I": "integer weights are quantized (they need their scales): use the unquantized float checkpoint",
+    "U": "integer weights are quantized (they need their scales): use the unquantized float checkpoint",
+    "BOOL": "boolean tensors are no linear weights: use the unquantized float checkpoint",
+    "C": "complex weights have no real-valued LoRA counterpart: use a real float checkpoint",
+}
 
 
-def read_json(path: pathlib.Path, what: str = "JSON") -> dict[str, Any]:
-  """Parses a JSON object file, turning every failure into one CrossLoraError line."""
-  if not path.is_file():
-    raise CrossLoraError(f"{path}: {what} file expected, got nothing there. Check the folder.")
+def dtype_problem(dtype: str) -> str | None:
+  """Why a base weight stored as safetensors ``dtype`` cannot be used (None: it can)."""
+  if dtype in FLOAT_DTYPES:
+    return None
+  for prefix, fix in _DTYPE_FIX.items():
+    if dtype.startswith(prefix):
+      return fix
+  return "use a checkpoint stored in float16, bfloat16 or float32"
+
+
+def _numpy_dtype_name(dtype: np.dtype) -> str:
+  """numpy dtype -> the safetensors name dtype_problem judges (bfloat16 counts as BF16)."""
+  if dtype == ml_dtypes.bfloat16:
+    return "BF16"
+  kinds = {"f": "F", "i": "I", "u": "U", "b": "BOOL", "c": "C"}
+  name = kinds.get(dtype.kind, "other")
+  if name == "F" and dtype.itemsize == 1:
+    return "F8"
+  return name + (str(dtype.itemsize * 8) if name in ("F", "I", "U", "C") else "")
+
+
+def check_safetensors_header(file: pathlib.Path) -> None:
+  """The 8-byte header length must fit the file before safetensors maps it (a regular file)."""
+  size = safefiles.regular_file(file, "safetensors file")
   try:
-    value = json.loads(path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise CrossLoraError(f"{path}: valid JSON expected, got a parse error ({e}). Fix or re-download the file.") from None
-  if not isinstance(value, dict):
-    raise CrossLoraError(f"{path}: a JSON object expected, got {type(value).__name__}.")
-  return value
+    with open(file, "rb") as f:
+      head = f.read(8)
+  except OSError as e:
+    raise CrossLoraError(f"{file}: a readable safetensors file expected, got {e.strerror or e}.") from None
+  length = int.from_bytes(head, "little") if len(head) == 8 else -1
+  if length <= 0 or length > MAX_HEADER_BYTES or 8 + length > size:
+    raise CrossLoraError(f"{file}: a safetensors header of 1..{min(MAX_HEADER_BYTES, max(size - 8, 0))} bytes expected, "
+                         f"got {'a file of ' + str(size) + ' bytes' if length < 0 else str(length) + ' bytes'}. "
+                         "The file is truncated or corrupt; re-download or re-convert it.")
+
+
+def _check_config_shape(config: Mapping[str, Any], where: str) -> None:
+  """What would make the architecture reader crash or mislead: quantization, a non-object text_config."""
+  jsonfile.optional_object(config, "text_config", where)
+  quant = jsonfile.optional_object(config, "quantization_config", where)
+  if quant is not None:
+    method = quant.get("quant_method", "unknown")
+    raise CrossLoraError(f"{where}: an unquantized float checkpoint expected, got quantization_config "
+                         f"(quant_method {_short(method)}). Use the original float16/bfloat16 checkpoint.")
+
+
+def _short(value: Any) -> str:
+  text = repr(value)
+  return text if len(text) <= 80 else text[:77] + "..."
 
 
 def check_finite(array: np.ndarray, where: str) -> None:
@@ -75,14 +126,17 @@ class _WeightMixin:
     return key
 
   def check_layout(self, *, require_all: bool) -> None:
-    """Checks the stored shape of every layer's linear weights against the config, before any work.
+    """Checks the stored shape and dtype of every layer's linear weights against the config, before any work.
 
-    Reads shapes only (safetensors headers), so a checkpoint that does not match its
+    Reads headers only (safetensors), so a checkpoint that does not match its
     config.json is refused up front, naming the first bad key. ``require_all``: a
     missing key is an error too (a folder must be complete; a dict may hold a subset).
+    A config claiming more layers than the weights could hold is refused before the
+    per-layer loop, so it costs nothing to claim 10**8 of them.
     """
+    layers = self._plausible_layers(require_all)
     problems = []
-    for layer in range(self.arch.num_layers):
+    for layer in range(layers):
       for stored in self.arch.spec.stored:
         key = self.arch.weight_key(layer, stored)
         expected = self.arch.stored_shape(stored)
@@ -95,9 +149,34 @@ class _WeightMixin:
         got = got[::-1] if self.arch.spec.conv1d else got
         if got != expected:
           problems.append(f"{self._where(key)}: shape expected {expected} (out, in) from config.json, got {got}")
+        why = dtype_problem(self.dtype_name(key))
+        if why is not None:
+          raise CrossLoraError(f"{self._where(key)}: float16, bfloat16 or float32 expected, got "
+                               f"{self.dtype_name(key)}. {why}.")
+        if len(problems) > 100:
+          break
     if problems:
       raise CrossLoraError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
                            + ". The weights do not match their config.")
+
+  def _plausible_layers(self, require_all: bool) -> int:
+    """How many layers to check: the config's count, refused when the tensors cannot back it."""
+    keys = self.keys()
+    per_layer = len(self.arch.spec.stored)
+    if require_all and self.arch.num_layers * per_layer > len(keys):
+      raise CrossLoraError(
+          f"{self._config_source}: at most {len(keys) // max(per_layer, 1)} layers expected from the {len(keys)} "
+          f"tensors present, got {self.arch.num_layers} in config.json. Fix num_hidden_layers (or its equivalent).")
+    if require_all:
+      return self.arch.num_layers
+    present = [int(m.group(1)) for k in keys for m in [_LAYER_INDEX.search(k)] if m is not None]
+    return min(self.arch.num_layers, max(present, default=-1) + 1)
+
+  def dtype_name(self, key: str) -> str:
+    raise NotImplementedError
+
+
+_LAYER_INDEX = re.compile(r"\.(0|[1-9][0-9]{0,8})\.")
 
 
 class Checkpoint(_WeightMixin):
@@ -108,7 +187,9 @@ class Checkpoint(_WeightMixin):
     if not self.path.is_dir():
       raise CrossLoraError(f"{self.path}: model folder expected, got {'a file' if self.path.exists() else 'nothing'}. "
                            "Pass the folder holding config.json and *.safetensors.")
-    self.config = read_json(self.path / "config.json", "config.json")
+    self._config_source = str(self.path / "config.json")
+    self.config = jsonfile.read_object(self.path / "config.json", "config.json")
+    _check_config_shape(self.config, self._config_source)
     self._files = self._find_files()
     self._handles: dict[pathlib.Path, Any] = {}
     self._key_to_file: dict[str, pathlib.Path] = {}
@@ -116,33 +197,38 @@ class Checkpoint(_WeightMixin):
       for key in self._open(file).keys():
         self._key_to_file[key] = file
     if self._index_map is not None:
-      missing = [k for k, f in self._index_map.items() if k not in self._key_to_file]
+      missing = [k for k, f in self._index_map.items() if self._key_to_file.get(k) != f]
       if missing:
         raise CrossLoraError(f"{self.path / INDEX_FILE}: weight_map names {missing[0]!r}, which its shard does not hold. Re-download the checkpoint.")
-    self.arch = Architecture.from_config(self.config, self._key_to_file, source=str(self.path / "config.json"))
+    self.arch = Architecture.from_config(self.config, self._key_to_file, source=self._config_source)
     self.name = str(self.config.get("_name_or_path") or self.path.resolve())
     self.check_layout(require_all=True)
 
   def _find_files(self) -> dict[str, pathlib.Path]:
     self._index_map = None
     index = self.path / INDEX_FILE
-    if index.exists():
-      weight_map = read_json(index, INDEX_FILE).get("weight_map")
+    if index.exists() or index.is_symlink():
+      weight_map = jsonfile.read_object(index, INDEX_FILE).get("weight_map")
       if not isinstance(weight_map, dict) or not weight_map:
-        raise CrossLoraError(f"{index}: weight_map expected (tensor -> shard file), got {weight_map!r}. Re-download the checkpoint.")
-      self._index_map = weight_map
+        raise CrossLoraError(f"{index}: weight_map expected (tensor -> shard file), got {_short(weight_map)}. Re-download the checkpoint.")
       files = {}
       for key, name in weight_map.items():
-        file = self.path / name
-        if not file.is_file():
+        file = safefiles.named_file(self.path, name, f"{index}: weight_map[{key!r}]")
+        if not file.exists():
           raise CrossLoraError(f"{index}: shard {name!r} (holding {key!r}) expected, got no such file. Re-download the missing shard.")
         files[key] = file
+      for file in set(files.values()):
+        safefiles.regular_file(file, "safetensors shard")
+      self._index_map = files
       return files
     single = self.path / SINGLE_FILE
-    if single.is_file():
+    if single.exists() or single.is_symlink():
+      safefiles.regular_file(single, SINGLE_FILE)
       return {"": single}
     others = sorted(self.path.glob("*.safetensors"))
     if others:
+      for file in others:
+        safefiles.regular_file(file, "safetensors file")
       return {str(f): f for f in others}
     hint = " (found pytorch_model.bin: convert it with transformers' save_pretrained(safe_serialization=True))" if (
         self.path / "pytorch_model.bin").exists() else ""
@@ -157,11 +243,15 @@ class Checkpoint(_WeightMixin):
 
   @staticmethod
   def _safe_open(file: pathlib.Path) -> Any:
+    check_safetensors_header(file)
     try:
       return safe_open(str(file), framework="np")
     except Exception as e:  # safetensors raises its own error types for bad headers
       raise CrossLoraError(f"{file}: a readable safetensors file expected, got {type(e).__name__}: {e}. "
                            "The file is truncated or corrupt; re-download or re-convert it.") from None
+
+  def dtype_name(self, key: str) -> str:
+    return str(self._open(self._key_to_file[key]).get_slice(key).get_dtype())
 
   def _where(self, key: str) -> str:
     return f"{self._key_to_file.get(key, self.path)}: {key}"
@@ -208,6 +298,8 @@ class DictWeights(_WeightMixin):
   def __init__(self, config: Mapping[str, Any], weights: Mapping[str, Any], name: str = "in-memory"):
     self.config = dict(config)
     self._weights = weights
+    self._config_source = f"{name} config"
+    _check_config_shape(self.config, self._config_source)
     self.arch = Architecture.from_config(self.config, weights.keys(), source=f"{name} config")
     self.name = name
     self.check_layout(require_all=False)
@@ -220,6 +312,9 @@ class DictWeights(_WeightMixin):
 
   def shape(self, key: str) -> tuple[int, ...]:
     return tuple(np.shape(self._weights[key]))
+
+  def dtype_name(self, key: str) -> str:
+    return _numpy_dtype_name(np.dtype(self._weights[key].dtype))
 
   def tensor(self, key: str) -> np.ndarray:
     if key not in self._weights:

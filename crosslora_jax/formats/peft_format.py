@@ -25,14 +25,25 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from crosslora_jax.formats.checkpoint import check_finite, read_json
+from crosslora_jax.formats import jsonfile, safefiles
+from crosslora_jax.formats.checkpoint import check_finite, check_safetensors_header
+from crosslora_jax.formats.peft_config import check_config
 from crosslora_jax.errors import CrossLoraError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LEGACY_WEIGHTS_FILE = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
-_KEY_RE = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?P<factor>lora_A|lora_B)(?:\.(?P<name>[^.]+))?\.weight$")
+# Exactly the keys PEFT's set_peft_model_state_dict maps onto a LoRA layer for any adapter name
+# (tuners_utils._remap_adapter_state_dict_for_load): "lora_A.weight". A "lora_A.<name>.weight"
+# passes through unchanged, so it loads only under adapter name <name>, onto the same
+# parameter as "lora_A.weight": ambiguous, refused.
+_KEY_RE = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?P<factor>lora_A|lora_B)\.weight$")
+_NAMED_KEY_RE = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?P<factor>lora_A|lora_B)\.[^.]+\.weight$")
+# A module path PEFT can find with named_modules(): attribute names and ModuleList indices
+# as torch writes them ("0", "12"; never "00", "+1" or non-ASCII digits).
+MAX_KEY_LENGTH = 200  # real keys are < 100 characters; it also bounds the cost of config regexes
+_PATH_PART = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|0|[1-9][0-9]*")
 # Tensors PEFT may save that are not a plain LoRA update, and why we cannot move them.
 _UNSUPPORTED = (
     ("lora_magnitude_vector", "DoRA magnitude vectors (use_dora) rescale the base weight's columns and have no cross-model counterpart"),
@@ -130,58 +141,6 @@ def targets_module(config: Mapping[str, Any], module_path: str) -> bool:
   return found is not None and int(found.group(1)) in layers
 
 
-def _check_config(config: dict[str, Any], where: pathlib.Path) -> None:
-  """Collects every config problem that would crash or mislead later, then raises once."""
-  problems = []
-  peft_type = str(config.get("peft_type", "LORA")).upper()
-  if peft_type != "LORA":
-    problems.append(f"{where}: peft_type expected LORA, got {peft_type!r}. Only LoRA adapters can be transferred")
-  for field in ("r", "lora_alpha"):
-    value = config.get(field)
-    if field in config and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
-      problems.append(f"{where}: {field} expected a positive number, got {value!r}")
-  if config.get("use_dora"):
-    problems.append(f"{where}: use_dora expected false, got true. DoRA magnitude vectors cannot be transferred; "
-                    "retrain as plain LoRA")
-  target = config.get("target_modules")
-  if target is not None and not isinstance(target, str) and not (
-      isinstance(target, list) and all(isinstance(t, str) for t in target)):
-    problems.append(f"{where}: target_modules expected a list of module names or a regex string, got {target!r}")
-  elif isinstance(target, str):
-    problems += _regex_problems(where, "target_modules", [target])
-  exclude = config.get("exclude_modules")
-  if exclude is not None and not isinstance(exclude, str) and not (
-      isinstance(exclude, list) and all(isinstance(t, str) for t in exclude)):
-    problems.append(f"{where}: exclude_modules expected a list of module names or a regex string, got {exclude!r}")
-  elif isinstance(exclude, str):
-    problems += _regex_problems(where, "exclude_modules", [exclude])
-  layers = config.get("layers_to_transform")
-  if layers is not None and not isinstance(layers, int) and not (
-      isinstance(layers, list) and all(isinstance(i, int) for i in layers)):
-    problems.append(f"{where}: layers_to_transform expected a layer index or a list of them, got {layers!r}")
-  for field in ("rank_pattern", "alpha_pattern"):
-    patterns = config.get(field)
-    if patterns is None:
-      continue
-    if not isinstance(patterns, dict) or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in patterns.values()):
-      problems.append(f"{where}: {field} expected an object of regex -> positive number, got {patterns!r}")
-    else:
-      problems += _regex_problems(where, field, list(patterns))
-  if problems:
-    raise CrossLoraError("; ".join(problems) + ".")
-
-
-def _regex_problems(where: pathlib.Path, field: str, patterns: list[str]) -> list[str]:
-  problems = []
-  for pattern in patterns:
-    try:
-      re.compile(pattern)
-    except re.error as e:
-      problems.append(f"{where}: {field} expected valid regular expressions, got {pattern!r} ({e})")
-  return problems
-
-
 def _unsupported_reason(key: str, config: Mapping[str, Any]) -> str | None:
   """Why ``key`` is not a plain LoRA factor that can be moved (None: it is one)."""
   reason = next((why for marker, why in _UNSUPPORTED if marker in key), None)
@@ -194,14 +153,38 @@ def _unsupported_reason(key: str, config: Mapping[str, Any]) -> str | None:
     return dict(_UNSUPPORTED)["modules_to_save"]
   if key.endswith(".base_layer.weight"):
     return _BASE_COPY
+  if _NAMED_KEY_RE.match(key) is not None and _KEY_RE.match(key) is None:
+    return _NAMED
   if _KEY_RE.match(key) is None:
     return _NOT_LORA
   return None
 
 
 _BASE_COPY = "a full copy of a base weight (saved with embedding LoRA), which belongs to the source model"
+_NAMED = ("an adapter name inside the key (lora_A.<name>.weight): PEFT loads it only when the adapter is loaded "
+          "under that name, and then onto the same parameter as lora_A.weight, so which tensor is meant is ambiguous")
 _NOT_LORA = "not a LoRA factor (expected base_model.model.<module>.lora_A.weight / lora_B.weight)"
-_REASON_ORDER = [why for _, why in _UNSUPPORTED] + [_BASE_COPY, _NOT_LORA]  # most specific first
+_REASON_ORDER = [why for _, why in _UNSUPPORTED] + [_BASE_COPY, _NAMED, _NOT_LORA]  # most specific first
+
+
+def _check_module_paths(keys: list[str], file: pathlib.Path) -> None:
+  """Refuses a key whose module path PEFT would look up as another module than the one we would read.
+
+  PEFT matches module paths as strings (``layers.00`` is no module of any model and is
+  ignored), while an integer parse would fold it into ``layers.0``: refuse instead.
+  """
+  for key in keys:
+    match = _KEY_RE.match(key)
+    if match is None:
+      continue
+    if len(key) > MAX_KEY_LENGTH:
+      raise CrossLoraError(f"{file}: {key[:80]}...: a key of at most {MAX_KEY_LENGTH} characters expected, got "
+                           f"{len(key)}. No model has module paths that long; fix the key names.")
+    bad = [p for p in match.group("path").split(".") if not _PATH_PART.fullmatch(p)]
+    if bad:
+      raise CrossLoraError(f"{file}: {key}: a module path of attribute names and plain indices expected, got "
+                           f"{bad[0]!r}, which PEFT would look up as a module of that exact name (no model has "
+                           "one) and ignore. Fix the key names.")
 
 
 def read_adapter(path: str | os.PathLike[str], *, skip_unsupported: bool = False) -> PeftAdapter:
@@ -210,9 +193,10 @@ def read_adapter(path: str | os.PathLike[str], *, skip_unsupported: bool = False
   if not path.is_dir():
     raise CrossLoraError(f"{path}: adapter folder expected, got {'a file' if path.exists() else 'nothing'}. "
                          f"Pass the folder holding {CONFIG_FILE}.")
-  config = read_json(path / CONFIG_FILE, CONFIG_FILE)
-  _check_config(config, path / CONFIG_FILE)
+  config = jsonfile.read_object(path / CONFIG_FILE, CONFIG_FILE)
+  check_config(config, path / CONFIG_FILE)
   tensors = _read_tensors(path)
+  _check_module_paths(sorted(tensors), path / WEIGHTS_FILE)
   factors: dict[str, dict[str, np.ndarray]] = {}
   skipped: list[dict[str, str]] = []
   reasons = {key: _unsupported_reason(key, config) for key in sorted(tensors)}
@@ -259,14 +243,16 @@ def read_adapter(path: str | os.PathLike[str], *, skip_unsupported: bool = False
 
 def _read_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:
   file = path / WEIGHTS_FILE
-  if file.is_file():
+  if file.exists() or file.is_symlink():
+    check_safetensors_header(file)
     try:
       with safe_open(str(file), framework="np") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
       raise CrossLoraError(f"{file}: a readable safetensors file expected, got {type(e).__name__}: {e}. "
                            "The file is truncated or corrupt; save the adapter again.") from None
-  elif (path / LEGACY_WEIGHTS_FILE).is_file():
+  elif (path / LEGACY_WEIGHTS_FILE).exists():
+    safefiles.regular_file(path / LEGACY_WEIGHTS_FILE, LEGACY_WEIGHTS_FILE)
     tensors = _read_legacy(path / LEGACY_WEIGHTS_FILE)
   else:
     raise CrossLoraError(f"{path}: {WEIGHTS_FILE} expected, got no such file. Save the adapter with PEFT's save_pretrained.")
@@ -288,8 +274,17 @@ def _read_legacy(file: pathlib.Path) -> dict[str, np.ndarray]:
     state = torch.load(str(file), map_location="cpu", weights_only=True)
   except Exception as e:
     raise CrossLoraError(f"{file}: a readable torch state dict expected, got {type(e).__name__}: {e}.") from None
+  if not isinstance(state, Mapping):
+    raise CrossLoraError(f"{file}: a state dict (tensor name -> tensor) expected, got {type(state).__name__}. "
+                         f"Re-save the adapter with PEFT's save_pretrained.")
   out = {}
   for key, t in state.items():
+    if not isinstance(key, str) or not isinstance(t, torch.Tensor):
+      raise CrossLoraError(f"{file}: {key!r}: a tensor under a string key expected, got {type(t).__name__}. "
+                           f"Re-save the adapter with PEFT's save_pretrained.")
+    if t.dtype.is_complex or not t.dtype.is_floating_point:
+      raise CrossLoraError(f"{file}: {key}: dtype expected one of {', '.join(DTYPES)}, got {t.dtype}. "
+                           "Save the adapter in float32, float16 or bfloat16.")
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
       out[key] = t.float().numpy().astype(ml_dtypes.bfloat16)
