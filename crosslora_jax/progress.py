@@ -1,42 +1,66 @@
-"""A small progress bar on stderr (no dependency): redraws in place on a terminal,
-prints a line every 10% otherwise (logs, CI)."""
+"""Progress bars on stderr with tqdm, the library transformers and huggingface_hub use.
+
+:class:`ProgressBar` is the engine's ``progress(label, done, total)`` callback: one
+tqdm bar per label (with rate and ETA), closed when it reaches its total or when a
+new label starts. By default a bar is shown only when the stream is a terminal,
+so logs and CI output stay clean; ``enabled=True`` shows it anyway (off a
+terminal, at most one redraw per 30 s), ``enabled=False`` never.
+"""
 
 from __future__ import annotations
 
 import sys
-import time
 from typing import TextIO
+
+from tqdm.auto import tqdm
 
 
 class ProgressBar:
-  def __init__(self, stream: TextIO | None = None, width: int = 30):
-    self.stream = stream or sys.stderr
-    self.width = width
-    self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-    self._label = None
-    self._last_decile = -1
-    self._t0 = time.perf_counter()
+  """Callable ``(label, done, total)`` that draws one tqdm bar per label.
+
+  Args:
+    stream: where bars go (default: sys.stderr, looked up at each new bar).
+    enabled: None shows bars on a terminal only; True always; False never.
+  """
+
+  def __init__(self, stream: TextIO | None = None, *, enabled: bool | None = None):
+    self.stream = stream
+    self.enabled = enabled
+    self._bar: tqdm | None = None
+    self._label: str | None = None
 
   def __call__(self, label: str, done: int, total: int) -> None:
-    if label != self._label:
-      self._finish_line()
-      self._label, self._last_decile, self._t0 = label, -1, time.perf_counter()
-    frac = done / total if total else 1.0
-    elapsed = time.perf_counter() - self._t0
-    if self.tty:
-      filled = int(frac * self.width)
-      bar = "#" * filled + "-" * (self.width - filled)
-      self.stream.write(f"\r{label} [{bar}] {done}/{total} {elapsed:5.1f}s")
-      if done >= total:
-        self.stream.write("\n")
-        self._label = None
-    else:
-      decile = int(frac * 10)
-      if decile != self._last_decile:
-        self._last_decile = decile
-        self.stream.write(f"{label}: {done}/{total} ({frac:.0%}, {elapsed:.1f}s)\n")
-    self.stream.flush()
+    if self.enabled is False:
+      return
+    if label != self._label or self._bar is None:
+      self.close()
+      self._label = label
+      self._bar = self._new_bar(label, total)
+    bar = self._bar
+    if bar.total != total:  # the engine may learn the total late; keep the bar honest
+      bar.total = total
+    bar.update(max(0, done - bar.n))
+    if done >= total:
+      self.close()
 
-  def _finish_line(self) -> None:
-    if self.tty and self._label is not None:
-      self.stream.write("\n")
+  def _new_bar(self, label: str, total: int) -> tqdm:
+    stream = self.stream or sys.stderr
+    tty = bool(getattr(stream, "isatty", lambda: False)())
+    # disable=None is tqdm's own rule: off when the stream is not a terminal.
+    disable = None if self.enabled is None else False
+    # Off a terminal every redraw is one more record in a log: at most one per 30 s, and the final count.
+    mininterval = 0.1 if tty else 30.0
+    return tqdm(total=total, desc=label, file=stream, disable=disable, mininterval=mininterval,
+                unit="weight", dynamic_ncols=tty, leave=True)
+
+  def close(self) -> None:
+    """Ends the current bar (drawn once more at its final count)."""
+    if self._bar is not None:
+      self._bar.close()
+    self._bar, self._label = None, None
+
+  def __enter__(self) -> "ProgressBar":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

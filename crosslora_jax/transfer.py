@@ -28,6 +28,12 @@ their paths, verified, and swapped in together, so a failure leaves none of them
 Bad input exits with status 2 and one line naming the file, the key and the fix; an
 unexpected failure exits 1 with one line; SIGINT/SIGTERM exit 130/143 (docs/refusals.md).
 
+--source_model, --target_model and --adapter also take Hugging Face Hub ids,
+owner/name[@revision], read from the local Hugging Face cache (HF_HUB_CACHE, HF_HOME)
+and downloaded into it only when missing and HF_HUB_OFFLINE is not set. Every output
+folder gets a README.md model card (base_model = the target, library_name: peft).
+--plot FILE.png draws the per-layer diagnostics of the report (needs matplotlib).
+
 --orbax_output also writes each transferred adapter as an Orbax checkpoint of a flax.nnx
 LoRA tree (crosslora_jax.formats.orbax_io; see docs/flax.md), under the same guarantees.
 """
@@ -62,13 +68,19 @@ from crosslora_jax.core import cache, engine, kernels, planning  # noqa: E402
 from crosslora_jax.errors import CrossLoraError, one_line  # noqa: E402
 from crosslora_jax.formats import adapter_io  # noqa: E402
 from crosslora_jax.progress import ProgressBar  # noqa: E402
+from crosslora_jax import hub, plot  # noqa: E402
+from crosslora_jax.formats import model_card  # noqa: E402
 
 _DEFAULTS = engine.TransferConfig()  # every option's default is defined once, by the config dataclasses
 _INT64 = dict(lower_bound=-(2**63), upper_bound=2**63 - 1)
 
-_SOURCE = flags.DEFINE_string("source_model", None, "HF folder of the base model the adapter was trained on.")
-_TARGET = flags.DEFINE_string("target_model", None, "HF folder of the base model to move the adapter to.")
-_ADAPTER = flags.DEFINE_multi_string("adapter", [], "PEFT adapter folder (repeat for several).")
+_SOURCE = flags.DEFINE_string("source_model", None, "HF folder or Hub id (owner/name[@revision]) of the base model "
+                               "the adapter was trained on.")
+_TARGET = flags.DEFINE_string("target_model", None, "HF folder or Hub id (owner/name[@revision]) of the base model "
+                               "to move the adapter to.")
+_ADAPTER = flags.DEFINE_multi_string("adapter", [], "PEFT adapter folder or Hub id (owner/name[@revision]); "
+                                     "repeat for several. Hub ids come from the Hugging Face cache (HF_HUB_CACHE / "
+                                     "HF_HOME), downloaded into it only if missing and HF_HUB_OFFLINE is not set.")
 _ADAPTER_DIR = flags.DEFINE_string("adapter_dir", None, "A folder of adapters: every subfolder holding "
                                    "adapter_config.json is transferred (with any --adapter).")
 _OUTPUT = flags.DEFINE_string("output", None, "Output folder (one subfolder per adapter when several).")
@@ -114,7 +126,10 @@ _ANCHOR_THRESHOLD = flags.DEFINE_float("anchor_threshold", _DEFAULTS.anchor.thre
                                        "modules whose predicted transferability (R2_in * R2_out) is below this.")
 _ANCHOR_TOKENS = flags.DEFINE_integer("anchor_tokens", _DEFAULTS.anchor.tokens,
                                       "--method anchored: shared tokens used as probes.", upper_bound=2**31 - 1)
-_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Progress bars on stderr (tqdm): shown on a terminal by default; "
+                              "--progress shows them anyway (logs), --noprogress never.")
+_PLOT = flags.DEFINE_string("plot", None, "Draw the per-layer diagnostics (energy captured, overlap, relative update, "
+                            "skipped layers) into this .png file (needs matplotlib: pip install 'crosslora_jax[plot]').")
 # Quiet by default (JAX logs backend probing at INFO); --verbosity=1 shows logs and tracebacks.
 flags.FLAGS.set_default("verbosity", logging.WARNING)
 
@@ -140,15 +155,33 @@ def run() -> list[engine.TransferResult]:
   config = config_from_flags(plan.cache_dir)
   if plan.xla_cache_dir is not None:
     cache.enable_compilation_cache(plan.xla_cache_dir)
-  progress = ProgressBar() if _PROGRESS.value else None
+  if _PLOT.value:
+    plot.check_plot_path(_PLOT.value)
+  progress = ProgressBar(enabled=True if flags.FLAGS["progress"].present else None) if _PROGRESS.value else None
+  if not _PROGRESS.value:
+    hub.hide_download_bars()
   results = engine.transfer_adapters(_SOURCE.value, _TARGET.value, adapters, config, progress=progress)
-  _commit(plan, names, results, config)
+  picture = plot.render_png([r.report for r in results]) if _PLOT.value else None  # before any output is written
+  _commit(plan, names, results, config, cards=[_model_card(r, a) for r, a in zip(results, adapters)])
+  if picture is not None:
+    plot.write_png(_PLOT.value, picture)
   for result in results:
     print(result.report.text())
   print(f"wrote {one_line(_OUTPUT.value)}")  # a path may hold a newline: one line each, here too
   if _ORBAX_OUTPUT.value:
     print(f"wrote {one_line(_ORBAX_OUTPUT.value)}")
+  if picture is not None:
+    print(f"wrote {one_line(_PLOT.value)}")
   return results
+
+
+def _model_card(result: engine.TransferResult, adapter: str) -> str:
+  """README.md of one output: Hub ids as the user gave them (with @revision), folders as the report names them."""
+  given = lambda text, fallback: text if hub.is_hub_id(text) else fallback
+  report = result.report
+  return model_card.render(report, base_model=result.adapter.config["base_model_name_or_path"],
+                           source_adapter=given(adapter, report.adapter), source_model=given(_SOURCE.value, report.source),
+                           target_model=given(_TARGET.value, report.target))
 
 
 def _adapters_from_flags() -> tuple[list[str], list[str]]:
@@ -159,7 +192,7 @@ def _adapters_from_flags() -> tuple[list[str], list[str]]:
     missing.append("--adapter (or --adapter_dir)")
   if missing:
     raise CrossLoraError(f"command line: {', '.join(missing)} expected, got none. See --help.")
-  names = [pathlib.Path(os.path.realpath(a)).name for a in adapters]
+  names = [hub.short_name(a) if hub.is_hub_id(a) else pathlib.Path(os.path.realpath(a)).name for a in adapters]
   if len(set(names)) != len(names):
     raise CrossLoraError(f"--adapter/--adapter_dir: folders with distinct names expected (they name the output subfolders), "
                          f"got {names}. Rename or copy one of them.")
@@ -202,14 +235,14 @@ def _plan_paths(adapters: list[str]) -> _Plan:
 
 
 def _commit(plan: _Plan, names: list[str], results: list[engine.TransferResult],
-            config: engine.TransferConfig) -> None:
+            config: engine.TransferConfig, *, cards: list[str]) -> None:
   """Stages and verifies the adapter folder(s), the Orbax checkpoint and the report, then swaps all in."""
   target_arch = engine.open_base(_TARGET.value).arch
   by_name = dict(zip(names, results))
   with adapter_io.transaction():
     adapter_io.save_results({n: r.adapter for n, r in by_name.items()}, plan.output, overwrite=_OVERWRITE.value,
                             dtype={n: adapter_io.output_dtype(r, config.dtype) for n, r in by_name.items()},
-                            target=target_arch)
+                            target=target_arch, readmes=dict(zip(names, cards)))
     if plan.orbax is not None:
       from crosslora_jax.core import pytree_api
       from crosslora_jax.formats import orbax_io

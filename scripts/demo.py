@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
   output.parent.mkdir(parents=True, exist_ok=True)
   cmd = [sys.executable, "-m", "crosslora_jax.transfer", f"--source_model={source_dir}",
          f"--target_model={target_dir}", f"--adapter={adapter}", f"--output={output}",
-         f"--report={output.parent / (output.name + '.report.json')}", "--overwrite"]
+         f"--report={output.parent / (output.name + '.report.json')}", "--overwrite",
+         f"--plot={output.parent / (output.name + '.png')}"]  # the per-layer diagnostics as a picture
   print("$ python -m crosslora_jax.transfer --source_model <zoo>/" + source_dir.name + " --target_model <zoo>/"
         + target_dir.name + f" --adapter {shown} --output {output} --overwrite", flush=True)
   t_transfer = time.perf_counter()

@@ -31,7 +31,8 @@ def setup(tmp_path_factory):
 
 def test_single_adapter_with_report(setup, tmp_path):
   r = run_cli("--source_model", setup / "src", "--target_model", setup / "tgt", "--adapter", setup / "one",
-              "--output", tmp_path / "out", "--report", tmp_path / "report.json", "--dtype", "bfloat16", "--rank", "24")
+              "--output", tmp_path / "out", "--report", tmp_path / "report.json", "--dtype", "bfloat16", "--rank", "24",
+              "--progress")  # stderr is a pipe: bars are shown only when asked
   assert r.returncode == 0, r.stderr
   assert "transferred 42 weights" in r.stdout  # 7 modules x 6 target layers (depth map from 3 layers)
   assert "decomposing base weights" in r.stderr  # progress
@@ -57,6 +58,7 @@ def test_several_adapters_get_subfolders(setup, tmp_path):
               "--adapter", setup / "two", "--output", tmp_path / "out", "--noprogress")
   assert r.returncode == 0, r.stderr
   assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["one", "two"]
+  assert (tmp_path / "out" / "two" / "README.md").is_file()  # each output carries its model card
   cfg = json.loads((tmp_path / "out" / "two" / "adapter_config.json").read_text())
   assert cfg["r"] == 8 and sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
   assert "decomposing" not in r.stderr

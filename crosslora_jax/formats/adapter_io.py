@@ -24,7 +24,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from crosslora_jax.formats import peft_format
+from crosslora_jax.formats import model_card, peft_format
 from crosslora_jax.formats.leftovers import leftovers as leftovers
 from crosslora_jax.formats.leftovers import parent_of, remove_path
 from crosslora_jax.formats.leftovers import recover_previous_output as recover_previous_output
@@ -337,11 +337,12 @@ def save_adapter(adapter: peft_format.PeftAdapter, folder: str | os.PathLike[str
 
 def save_results(adapters: Mapping[str, peft_format.PeftAdapter], folder: str | os.PathLike[str], *,
                  dtype: Any | Mapping[str, Any] | None = None, overwrite: bool = False,
-                 target: Architecture | None = None) -> pathlib.Path:
+                 target: Architecture | None = None, readmes: Mapping[str, str] | None = None) -> pathlib.Path:
   """Writes adapters by name atomically: one fills ``folder``, several get a subfolder each.
 
-  ``dtype``: one for all, or one per name (None: as held). Each folder is re-read and
-  checked (:func:`verify_adapter_folder`) before anything is swapped in.
+  ``dtype``: one for all, or one per name (None: as held). ``readmes``: the README.md
+  model card of each name. Each folder is re-read and checked
+  (:func:`verify_adapter_folder`) before anything is swapped in.
   """
   folder = pathlib.Path(folder)
   with atomic_folder(folder, overwrite=overwrite) as tmp:
@@ -351,12 +352,16 @@ def save_results(adapters: Mapping[str, peft_format.PeftAdapter], folder: str | 
       one = dtype.get(name) if isinstance(dtype, Mapping) else dtype
       np_dtype = peft_format.DTYPES[one] if isinstance(one, str) else one
       peft_format.write_adapter_files(adapter, sub, np_dtype)
-      verify_adapter_folder(sub, adapter, np_dtype, target, shown_as=shown)
+      readme = (readmes or {}).get(name)
+      if readme is not None:
+        model_card.write(sub, readme)
+      verify_adapter_folder(sub, adapter, np_dtype, target, shown_as=shown, readme=readme)
   return folder
 
 
 def save_result(result: Any, folder: str | os.PathLike[str], *, dtype: Any | None = None, overwrite: bool = False,
                 target: Architecture | None = None) -> pathlib.Path:
-  """``TransferResult.save`` and the CLI: the adapter in :func:`output_dtype`, atomically and verified."""
+  """``TransferResult.save``: the adapter in :func:`output_dtype` with its model card, atomically and verified."""
+  card = model_card.render(result.report, base_model=result.adapter.config["base_model_name_or_path"])
   return save_results({"": result.adapter}, folder, dtype=output_dtype(result, dtype), overwrite=overwrite,
-                      target=target)
+                      target=target, readmes={"": card})

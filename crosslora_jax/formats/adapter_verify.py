@@ -17,15 +17,16 @@ from crosslora_jax.errors import CrossLoraError
 
 def verify_adapter_folder(folder: pathlib.Path, expected: peft_format.PeftAdapter, dtype: Any,
                           target: Architecture | None = None, *,
-                          shown_as: str | os.PathLike[str] | None = None) -> None:
+                          shown_as: str | os.PathLike[str] | None = None, readme: str | None = None) -> None:
   """Re-opens a written adapter and checks it against what was computed and against ``target``.
 
   Every key, shape, dtype and byte of adapter_model.safetensors must equal
   ``expected`` cast to ``dtype`` (None: as held); adapter_config.json must parse
   back to ``expected.config`` and select exactly the written modules with their
   ranks; with ``target``, every module must exist in the target with matching
-  (out, in) sizes. Any difference is a bug, never a user error, but it is still
-  raised as CrossLoraError so that nothing broken is renamed into place. Messages
+  (out, in) sizes; with ``readme``, README.md must hold exactly that model card.
+  Any difference is a bug, never a user error, but it is still raised as
+  CrossLoraError so that nothing broken is renamed into place. Messages
   name ``shown_as`` (the final output path) instead of the temporary ``folder``.
   """
   np_dtype = peft_format.DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -56,6 +57,9 @@ def verify_adapter_folder(folder: pathlib.Path, expected: peft_format.PeftAdapte
       problems.append(str(e).rstrip("."))
     else:
       problems += _check_written(folder, written, expected, target)
+  if readme is not None:
+    from crosslora_jax.formats import model_card
+    problems += model_card.check_written(folder, readme)
   if problems:
     message = (f"{folder}: output verification failed: " + "; ".join(problems[:5])
                + ". Nothing was written; please report this as a bug.")

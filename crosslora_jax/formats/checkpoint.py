@@ -22,6 +22,7 @@ from safetensors import safe_open
 from crosslora_jax.formats import jsonfile, safefiles
 from crosslora_jax.formats.architectures import Architecture, to_out_in
 from crosslora_jax.errors import CrossLoraError
+from crosslora_jax import hub
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -183,7 +184,7 @@ class Checkpoint(_WeightMixin):
   """An HF model folder, read lazily."""
 
   def __init__(self, path: str | os.PathLike[str]):
-    self.path = pathlib.Path(path)
+    self.path = pathlib.Path(hub.resolve_folder(path, kind="model"))  # a folder, or a Hub id from the HF cache
     if not self.path.is_dir():
       raise CrossLoraError(f"{self.path}: model folder expected, got {'a file' if self.path.exists() else 'nothing'}. "
                            "Pass the folder holding config.json and *.safetensors.")
@@ -201,7 +202,7 @@ class Checkpoint(_WeightMixin):
       if missing:
         raise CrossLoraError(f"{self.path / INDEX_FILE}: weight_map names {missing[0]!r}, which its shard does not hold. Re-download the checkpoint.")
     self.arch = Architecture.from_config(self.config, self._key_to_file, source=self._config_source)
-    self.name = str(self.config.get("_name_or_path") or self.path.resolve())
+    self.name = hub.repo_id_of(self.path) or str(self.config.get("_name_or_path") or self.path.resolve())
     self.check_layout(require_all=True)
 
   def _find_files(self) -> dict[str, pathlib.Path]:

@@ -29,6 +29,7 @@ from crosslora_jax.formats import jsonfile, safefiles
 from crosslora_jax.formats.checkpoint import check_finite, check_safetensors_header
 from crosslora_jax.formats.peft_config import check_config
 from crosslora_jax.errors import CrossLoraError
+from crosslora_jax import hub
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -73,7 +74,7 @@ class PeftAdapter:
 
   @property
   def name(self) -> str:
-    return self.path.name if self.path is not None else "adapter"
+    return (hub.repo_id_of(self.path) or self.path.name) if self.path is not None else "adapter"
 
   @property
   def dtype(self) -> np.dtype:
@@ -189,7 +190,7 @@ def _check_module_paths(keys: list[str], file: pathlib.Path) -> None:
 
 def read_adapter(path: str | os.PathLike[str], *, skip_unsupported: bool = False) -> PeftAdapter:
   """Reads a PEFT LoRA folder; refuses what is not a plain LoRA unless ``skip_unsupported``."""
-  path = pathlib.Path(path)
+  path = pathlib.Path(hub.resolve_folder(path, kind="adapter"))  # a folder, or a Hub id from the HF cache
   if not path.is_dir():
     raise CrossLoraError(f"{path}: adapter folder expected, got {'a file' if path.exists() else 'nothing'}. "
                          f"Pass the folder holding {CONFIG_FILE}.")
