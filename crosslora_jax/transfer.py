@@ -15,7 +15,7 @@ Methods:
   anchored      Map every space through ridge maps fitted on the two models' shared
                 vocabulary (needs tokenizer.json in both folders); a data-free guard
                 skips modules whose predicted transferability is below
-                --anchor_threshold and shrinks the rest (crosslora_jax/anchored.py).
+                --anchor_threshold and shrinks the rest (crosslora_jax/methods/anchored.py).
 
 --calibrate_norm (any method) rescales each module so that |dW_t|/|W_t| equals the
 source's |dW_s|/|W_s|; the report lists both ratios either way.
@@ -146,7 +146,7 @@ def config_from_flags(cache_dir: pathlib.Path | None = None) -> engine.TransferC
 
 
 def run() -> list[engine.TransferResult]:
-  """Flags -> checked paths and config -> engine.transfer -> all outputs committed together.
+  """Flags -> checked paths and config -> engine.transfer_adapters -> all outputs committed together.
 
   Raises CrossLoraError on bad input, before any work where it can be known then.
   """
@@ -160,7 +160,7 @@ def run() -> list[engine.TransferResult]:
   progress = ProgressBar(enabled=True if flags.FLAGS["progress"].present else None) if _PROGRESS.value else None
   if not _PROGRESS.value:
     hub.hide_download_bars()
-  results = engine.transfer(_SOURCE.value, _TARGET.value, adapters, config, progress=progress)
+  results = engine.transfer_adapters(_SOURCE.value, _TARGET.value, adapters, config, progress=progress)
   picture = plot.render_png([r.report for r in results]) if _PLOT.value else None  # before any output is written
   _commit(plan, names, results, config, cards=[_model_card(r, a) for r, a in zip(results, adapters)])
   if picture is not None:
