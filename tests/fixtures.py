@@ -79,10 +79,6 @@ def make_adapter(model, folder: pathlib.Path, *, kind: str, seed: int = 1, r: in
 
 
 # --- JAX runtime (crosslora_jax.lm) parity variants -----------------------------------------
-TINY_CONFIGS["gemma"] = dict(model_type="gemma", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                             num_attention_heads=2, num_key_value_heads=1, head_dim=40, vocab_size=128,
-                             max_position_embeddings=128)
-
 # name -> (kind, overrides): each exercises a rule of its family on sequences longer than any window.
 LM_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     **{kind: (kind, {}) for kind in TINY_CONFIGS},
