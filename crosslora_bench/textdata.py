@@ -34,12 +34,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from crosslora_jax.errors import CrossLoraError
+from crosslora_jax.formats.architectures import CANONICAL_MODULES
 
 if TYPE_CHECKING:
   import torch
 
 HELDOUT_MODULUS = 5
-SEVEN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SEVEN_MODULES = CANONICAL_MODULES  # the LoRA targets of the shipped adapters
 _PARAGRAPH_SPLIT = re.compile(r"\n\s*\n")
 
 

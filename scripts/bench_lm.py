@@ -337,7 +337,8 @@ def _check_rows(runs):
       f"JAX - torch: {t['delta_jax_minus_torch']:+.4f} nats (paired s.e. {t['paired_se']:.4f}), {verdict} 0.02. "
       f"The saved adapter in peft vs the JAX model: max |dlogit| / max |logit| = {t['peft_logit_max_rel_error']:.2e}, "
       f"argmax agreement {t['peft_argmax_agreement']:.4f}. JAX training {j['train_s']:.0f} s + compile "
-      f"{j['compile_s']:.0f} s; losses {', '.join(f'{x:.3f}' for x in j['losses'])}."]
+      f"{j['compile_s']:.0f} s; losses {', '.join(f'{x:.3f}' for x in j['losses'])}.", "",
+      f"Command: `{run.get('command')}` ({run.get('date')}), on the shared machine."]
 
 
 def markdown(merged):
@@ -409,7 +410,7 @@ def main(argv=None):
       for section in sections:
         if section == "train_check" and model != "smollm2-135m":
           continue
-        run = {"model": model, "section": section}
+        run = {"model": model, "section": section, "command": meta["command"], "date": meta["date"]}
         if section == "train_check":
           run["heldout"] = args.heldout
         for framework in args.frameworks.split(","):

@@ -17,7 +17,7 @@ what PEFT computes; the self pair checks this against PeftModel.from_pretrained.
 The random control draws Gaussian factors of the same LoRA rank per module and
 scales each ΔW to the Frobenius norm of cross_lora's ΔW for that module.
 ``<method>+cal`` is the engine's ``calibrate_norm`` option: each module rescaled so
-that ‖ΔW_t‖/‖W_t‖ = ‖ΔW_s‖/‖W_s‖ (issue 7's "norm-calibrated").
+that ‖ΔW_t‖/‖W_t‖ = ‖ΔW_s‖/‖W_s‖ ("norm-calibrated").
 
 Everything expensive is cached under --cache_dir (trained LoRAs, every NLL with
 its per-block values), so the benchmark can be run in pieces with --pairs /
@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from crosslora_jax.core import planning
+from crosslora_jax import methods as method_registry  # noqa: E402
 from crosslora_bench import textdata, zoo  # noqa: E402
 
 MODELS = {  # short name -> zoo name
@@ -68,7 +68,7 @@ VARIANTS = {"anchored-noguard": ("anchored", {"threshold": 0.0})}  # every modul
 
 def all_methods() -> tuple[str, ...]:
   """Engine methods, the random control, bench variants, and "<method>+cal" (--calibrate_norm)."""
-  engine = tuple(m for m in planning.METHODS if m not in BASE_METHODS) + tuple(VARIANTS)  # e.g. anchored
+  engine = tuple(m for m in method_registry.NAMES if m not in BASE_METHODS) + tuple(VARIANTS)  # e.g. anchored
   return BASE_METHODS + engine + ("cross_lora+cal",) + tuple(m + "+cal" for m in engine)
 
 
@@ -264,12 +264,14 @@ def transfer(source: str, target: str, adapter_dir: pathlib.Path, method: str, r
 
 
 def parse_rank(text: str) -> int:
-  """'full' -> every direction (clipped per weight by the engine); '-' (rank unused) -> 320."""
-  return 1 << 30 if text == "full" else 320 if text == "-" else int(text)
+  """'full' -> every direction (clipped per weight by the engine); '-' (rank unused) -> the default rank."""
+  from crosslora_jax import TransferConfig
+  return 1 << 30 if text == "full" else TransferConfig.rank if text == "-" else int(text)
 
 
 def applicable(method: str, source: str, target: str) -> bool:
-  if method.removesuffix("+cal") in planning.SAME_SHAPE_METHODS:
+  spec = method_registry.REGISTRY.get(method.removesuffix("+cal"))
+  if spec is not None and spec.same_shape:
     return zoo.MODELS[MODELS[source]].shape == zoo.MODELS[MODELS[target]].shape
   return True
 
@@ -462,7 +464,7 @@ def write_results(data: dict[str, Any], args, out: pathlib.Path) -> None:
                                              all_methods().index(r["method"]) if r["method"] in all_methods() else 99,
                                              parse_rank(r["rank"])))
   f = lambda v, p=3: "—" if v is None else f"{v:.{p}f}"
-  lines = ["# Transfer quality on real models (issue 6)", "",
+  lines = ["# Transfer quality on real models", "",
            f"Measured {meta['date']} on {meta['machine']}.", "",
            *([f"**Status.** {args.note}", ""] if args.note else []),
            "Produced in pieces (resumable; every NLL cached), by these runs:", "",

@@ -1,4 +1,4 @@
-r"""Speed benchmark (issue 3): a paper-scale transfer on CPU against a PyTorch reference.
+r"""Speed benchmark: a paper-scale transfer on CPU against a PyTorch reference.
 
   python scripts/bench_speed.py                  # everything, writes results/speed.{md,json}
   python scripts/bench_speed.py --study accuracy # SVD methods vs exact on the real models (BUILD_NOTES)
@@ -50,7 +50,9 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from crosslora_jax.formats.architectures import CANONICAL_MODULES  # noqa: E402
+
+MODULES = CANONICAL_MODULES
 PAPER = {
     "source": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], num_hidden_layers=28, hidden_size=1536,
                    num_attention_heads=12, num_key_value_heads=2, head_dim=128, intermediate_size=8960,
@@ -194,24 +196,15 @@ def write_synthetic_model(folder: pathlib.Path, config: dict[str, Any], profiles
 def write_adapter(folder: pathlib.Path, config: dict[str, Any], *, seed: int, r: int = 16, alpha: int = 32,
                   layers: list[int] | None = None) -> None:
   """A PEFT LoRA (float32, all 7 modules) with random non-zero factors, like a trained one."""
+  from crosslora_bench.adapters import random_adapter
   from crosslora_jax.formats import peft_format
   from crosslora_jax.formats.architectures import Architecture
-  arch = Architecture.from_config(config)
-  rng = np.random.default_rng(seed)
-  pairs = {}
-  for layer in (range(arch.num_layers) if layers is None else layers):
-    for module in MODULES:
-      out_dim, in_dim = arch.shape(module)
-      a = (rng.standard_normal((r, in_dim)) / np.sqrt(in_dim)).astype(np.float32)
-      b = (0.02 * rng.standard_normal((out_dim, r))).astype(np.float32)
-      pairs[arch.module_path(layer, arch.stored_for(module)[0])] = peft_format.LoraPair(a, b)
-  cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
-         "target_modules": list(MODULES), "base_model_name_or_path": config.get("_name_or_path", "synthetic"),
-         "bias": "none", "fan_in_fan_out": False}
-  if layers is not None:
-    cfg["layers_to_transform"] = list(layers)
+  extra = {"task_type": "CAUSAL_LM", "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+           "base_model_name_or_path": config.get("_name_or_path", "synthetic")}
+  adapter = random_adapter(Architecture.from_config(config), seed=seed, rank=r, alpha=alpha, layers=layers,
+                           a_scale=None, b_scale=0.02, config=extra)
   folder.mkdir(parents=True, exist_ok=True)
-  peft_format.write_adapter_files(peft_format.PeftAdapter(cfg, pairs), folder, np.float32)
+  peft_format.write_adapter_files(adapter, folder, np.float32)
 
 
 # --- child processes ----------------------------------------------------------------
@@ -608,7 +601,7 @@ def write_results(summary: dict[str, Any], out_dir: pathlib.Path) -> str:
   (out_dir / "speed.json").write_text(json.dumps(summary, indent=1) + "\n")
   fmt_acc = lambda d: ", ".join(f"{m.replace('_proj', '')} {v:.3g}" for m, v in d.items()) if d else "n/a"
   lines = [
-      "# Speed at paper scale (issue 3)",
+      "# Speed at paper scale",
       "",
       f"Measured {summary['date']} on {summary['machine']}. **No GPU was available in this task: "
       "the H200 target is not measured.** The 2 cores are shared with other jobs (load average "

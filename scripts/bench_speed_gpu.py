@@ -1,4 +1,4 @@
-r"""Speed benchmark on one GPU (issue 3): the paper-scale transfer on an accelerator.
+r"""Speed benchmark on one GPU: the paper-scale transfer on an accelerator.
 
   python scripts/bench_speed_gpu.py --spectra spectra.json --out results/
 
@@ -79,7 +79,7 @@ def write(res: dict[str, Any], out: pathlib.Path) -> None:
   out.mkdir(parents=True, exist_ok=True)
   (out / "speed_gpu.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
   n = bs.PAPER["source"]["num_hidden_layers"]
-  lines = ["# Speed at paper scale on one GPU (issue 3)", "",
+  lines = ["# Speed at paper scale on one GPU", "",
            f"Measured {res['date']} on {res['machine']}.", "",
            f"Command: `{res['command']}`. Synthetic Qwen2.5-1.5B -> Llama-3.2-3B shapes as in `speed.md` "
            f"({n} layers, 7 modules, r = {bs.RANK}, a rank-16 LoRA), bf16 sharded safetensors written on that machine "

@@ -10,7 +10,7 @@ fp32 base, measures the held-out NLL again, and writes the model card.
 Why rank 8 by default: rank 16 on all seven modules of this 30-layer model is
 4.9M parameters, 9.8 MB in fp16, and the adapter shipped in the repository has
 to stay under 5 MB. Rank 8 with alpha 16 keeps the same alpha/r = 2 and every
-module (so every space of DESIGN.md §2 is exercised) at 4.9 MB.
+module (so every space of docs/design.md, "Orientation and spaces", is exercised) at 4.9 MB.
 """
 
 from __future__ import annotations

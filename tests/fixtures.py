@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from crosslora_jax.formats.architectures import CANONICAL_MODULES
+
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "llama": dict(model_type="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=128,
@@ -21,6 +23,9 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen2": dict(model_type="qwen2", hidden_size=80, intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=5, num_key_value_heads=1, vocab_size=128, max_position_embeddings=128,
                   tie_word_embeddings=False),
+    "gemma": dict(model_type="gemma", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=40, vocab_size=128,
+                  max_position_embeddings=128),
     "gemma2": dict(model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=2, num_key_value_heads=1, head_dim=40, vocab_size=128,
                    max_position_embeddings=128),
@@ -37,7 +42,7 @@ LORA_MODULES = {
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],
 }
-DEFAULT_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_MODULES = list(CANONICAL_MODULES)
 
 
 def make_model(kind: str, folder: pathlib.Path | None = None, *, seed: int = 0, dtype=torch.float32,
@@ -74,10 +79,6 @@ def make_adapter(model, folder: pathlib.Path, *, kind: str, seed: int = 1, r: in
 
 
 # --- JAX runtime (crosslora_jax.lm) parity variants -----------------------------------------
-TINY_CONFIGS["gemma"] = dict(model_type="gemma", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                             num_attention_heads=2, num_key_value_heads=1, head_dim=40, vocab_size=128,
-                             max_position_embeddings=128)
-
 # name -> (kind, overrides): each exercises a rule of its family on sequences longer than any window.
 LM_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     **{kind: (kind, {}) for kind in TINY_CONFIGS},

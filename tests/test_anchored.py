@@ -11,7 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 import fixtures
 from crosslora_jax import CrossLoraError, TransferConfig, read_adapter, save_adapter, transfer_adapter
-from crosslora_jax.methods import anchored
+from crosslora_jax.methods import anchored, anchored_vocab
 from crosslora_jax.formats.checkpoint import Checkpoint
 from peft_helpers import base_logits, load_with_adapter, logits
 
@@ -19,7 +19,7 @@ VOCAB = 512
 
 
 def _byte_level_token(text: str) -> str:
-  table = {b: c for c, b in anchored._byte_decoder().items()}
+  table = {b: c for c, b in anchored_vocab._byte_decoder().items()}
   return "".join(table[b] for b in text.encode("utf-8"))
 
 

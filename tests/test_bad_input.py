@@ -33,7 +33,7 @@ import fixtures
 from conftest import ROOT
 from crosslora_jax.formats import peft_format
 
-# The package re-exports the function engine.transfer under the same name as this module.
+# The CLI module (the package-level function is crosslora_jax.transfer_adapters).
 cli = importlib.import_module("crosslora_jax.transfer")
 
 Q0 = "model.layers.0.self_attn.q_proj"

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from crosslora_jax import DictWeights, TransferConfig
+from crosslora_bench.adapters import random_adapter
 from crosslora_jax.core import cache, engine, kernels, sharding
 from crosslora_jax.formats import peft_format
 from crosslora_jax.formats.architectures import Architecture
@@ -27,15 +28,7 @@ def _weights(seed, name, config=CONFIG):
 
 
 def _adapter(arch, seed, r=2):
-  rng = np.random.default_rng(seed)
-  pairs = {}
-  for layer in range(arch.num_layers):
-    for module in MODULES:
-      out_dim, in_dim = arch.shape(module)
-      pairs[arch.module_path(layer, arch.stored_for(module)[0])] = peft_format.LoraPair(
-          rng.standard_normal((r, in_dim)).astype(np.float32), rng.standard_normal((out_dim, r)).astype(np.float32))
-  return peft_format.PeftAdapter({"peft_type": "LORA", "r": r, "lora_alpha": 4, "target_modules": list(MODULES)},
-                                 pairs)
+  return random_adapter(arch, seed=seed, rank=r, alpha=4, modules=MODULES)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +54,7 @@ def decompositions(monkeypatch):
 def _run(models, tmp_path, **kw):
   source, target, adapter = models
   config = TransferConfig(**{"rank": 4, "cache_dir": str(tmp_path / "cache"), **kw})
-  return engine.transfer(source, target, [adapter], config)[0]
+  return engine.transfer_adapters(source, target, [adapter], config)[0]
 
 
 def _same(r1, r2):
@@ -91,7 +84,7 @@ def test_miss_then_hit(models, tmp_path, decompositions):
 
 def test_cached_equals_uncached(models, tmp_path):
   _same(_run(models, tmp_path, svd="exact"),
-        engine.transfer(models[0], models[1], [models[2]], TransferConfig(rank=4, svd="exact"))[0])
+        engine.transfer_adapters(models[0], models[1], [models[2]], TransferConfig(rank=4, svd="exact"))[0])
 
 
 def test_other_options_miss(models, tmp_path, decompositions):
@@ -139,7 +132,7 @@ def test_changed_checkpoint_misses(models, tmp_path, decompositions):
   _run(models, tmp_path, svd="exact")
   changed = _weights(7, "source")  # same config and names, other values
   decompositions.clear()
-  engine.transfer(changed, target, [adapter], TransferConfig(rank=4, svd="exact", cache_dir=str(tmp_path / "cache")))
+  engine.transfer_adapters(changed, target, [adapter], TransferConfig(rank=4, svd="exact", cache_dir=str(tmp_path / "cache")))
   assert sum(decompositions) == 2 * len(MODULES)  # all source weights again, no target weight
 
 
@@ -233,7 +226,7 @@ def test_cli_adapter_dir_cache_dir_and_no_cache(models, tmp_path):
 def test_adapter_dir_errors(tmp_path):
   import importlib
   from crosslora_jax import CrossLoraError
-  transfer = importlib.import_module("crosslora_jax.transfer")  # the CLI module (the package's `transfer` is the function)
+  transfer = importlib.import_module("crosslora_jax.transfer")  # the CLI module
   with pytest.raises(CrossLoraError, match="got nothing"):
     transfer.adapters_in(str(tmp_path / "missing"))
   (tmp_path / "empty" / "sub").mkdir(parents=True)

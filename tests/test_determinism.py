@@ -9,7 +9,6 @@ another seed gives other numbers, so the seed really reaches the randomized SVD.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -17,7 +16,6 @@ import sys
 
 import numpy as np
 import pytest
-from absl import flags
 
 import fixtures
 from conftest import ROOT
@@ -26,18 +24,7 @@ from crosslora_jax.core import engine
 from crosslora_jax.formats import peft_format
 
 OUTPUT_FILES = (peft_format.WEIGHTS_FILE, peft_format.CONFIG_FILE)
-
-
-def cache_flags(run_dir) -> list[str]:
-  """Keep runs independent if the CLI grows a subspace cache (--nocache / --no_cache / --cache_dir)."""
-  importlib.import_module("crosslora_jax.transfer")  # defines the CLI's flags
-  if "no_cache" in flags.FLAGS:
-    return ["--no_cache"]
-  if "cache" in flags.FLAGS and isinstance(flags.FLAGS["cache"].value, bool):
-    return ["--nocache"]
-  if "cache_dir" in flags.FLAGS:
-    return ["--cache_dir", run_dir / "cache"]
-  return []
+NO_CACHE = ["--no_cache"]  # runs share no cached subspaces: each decomposes for itself
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +41,7 @@ def run_cli(models, out, extra):
   out.parent.mkdir(parents=True)
   args = ["--source_model", models / "src", "--target_model", models / "tgt", "--adapter", models / "ad",
           "--output", out, "--report", out.parent / f"{out.name}.json", "--rank", "12", "--noprogress",
-          *cache_flags(out.parent), *extra]
+          *NO_CACHE, *extra]
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   r = subprocess.run([sys.executable, "-m", "crosslora_jax.transfer", *map(str, args)], capture_output=True,
                      text=True, env=env, timeout=600)

@@ -277,7 +277,7 @@ def test_sigterm_inside_a_gc_callback_is_deferred_not_swallowed():
 
   import importlib
 
-  cli = importlib.import_module("crosslora_jax.transfer")  # the module (the package re-exports a function of that name)
+  cli = importlib.import_module("crosslora_jax.transfer")  # the CLI module
   seen = []
 
   def callback(phase, info):

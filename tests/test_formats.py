@@ -41,6 +41,17 @@ def test_head_dim_from_config_gemma(tmp_path):
   assert arch.shape("k_proj") == (40, 64)
 
 
+@pytest.mark.parametrize("kind", sorted(fixtures.TINY_CONFIGS))
+def test_every_family_names_its_own_norms_and_embeddings(tmp_path, kind):
+  # The anchored probes read these gains; a key the checkpoint lacks would silently give 1s.
+  fixtures.make_model(kind, tmp_path / kind)
+  ckpt = Checkpoint(tmp_path / kind)
+  for layer in range(ckpt.arch.num_layers):
+    for which in ("attn", "ffn"):
+      assert ckpt.has(ckpt.arch.norm_key(layer, which)), (kind, ckpt.arch.norm_key(layer, which))
+  assert ckpt.has(ckpt.arch.embed_key(ckpt.keys()))
+
+
 def test_phi3_fused_split(tmp_path):
   model = fixtures.make_model("phi3", tmp_path / "p")
   ckpt = Checkpoint(tmp_path / "p")

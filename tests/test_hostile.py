@@ -472,7 +472,7 @@ def test_unexpected_exceptions_give_one_line(exc, status, models, tmp_path, caps
   from crosslora_jax.core import engine
   def broken(*args, **kwargs):
     raise exc
-  monkeypatch.setattr(engine, "transfer", broken)
+  monkeypatch.setattr(engine, "transfer_adapters", broken)
   c = Hostile(models, tmp_path)
   line = refused(c, capsys, [type(exc).__name__], status=status)
   assert not c.output.exists()

@@ -13,7 +13,7 @@ from peft_helpers import base_logits, load_with_adapter, logits
 def models(tmp_path_factory):
   root = tmp_path_factory.mktemp("interop")
   out = {}
-  for kind in ("llama", "qwen2", "gemma2", "mistral", "phi3", "gpt2"):
+  for kind in ("llama", "qwen2", "gemma", "gemma2", "mistral", "phi3", "gpt2"):
     model = fixtures.make_model(kind, root / kind, seed=len(kind))
     fixtures.make_adapter(model, root / f"{kind}-lora", kind=kind, r=4, alpha=8)
     out[kind] = (root / kind, root / f"{kind}-lora")
@@ -28,7 +28,7 @@ def _transfer(models, src, tgt, tmp_path, **config):
   return result, out
 
 
-@pytest.mark.parametrize("src,tgt", [("llama", "qwen2"), ("qwen2", "gemma2"), ("mistral", "llama"),
+@pytest.mark.parametrize("src,tgt", [("llama", "qwen2"), ("qwen2", "gemma2"), ("gemma", "llama"), ("mistral", "llama"),
                                      ("phi3", "llama"), ("llama", "phi3"), ("llama", "gpt2")])
 def test_cross_model_loads_without_warnings_and_changes_logits(models, tmp_path, src, tgt):
   result, out = _transfer(models, src, tgt, tmp_path, rank=16)

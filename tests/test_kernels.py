@@ -85,18 +85,19 @@ def test_lstsq_alignment_equals_closed_form():
   np.testing.assert_allclose(closed.b_or, p @ b, atol=1e-4)  # B_t = P_U B_s
 
 
-def test_vmapped_bucket_equals_per_layer_loop():
+def test_batched_projection_equals_per_layer_loop():
   rng = np.random.default_rng(5)
   ws, wt = _rand(rng, 4, 20, 12), _rand(rng, 4, 16, 24)
   a, b = _rand(rng, 4, 3, 12), _rand(rng, 4, 20, 3)
   keys = jax.random.split(jax.random.key(0), 4)
   ss = kernels.batched_truncated_svd(jnp.asarray(ws), keys, rank=5)
   st = kernels.batched_truncated_svd(jnp.asarray(wt), keys, rank=5)
-  batched = kernels.batched_project_cross_lora(ss, st, jnp.asarray(a), jnp.asarray(b))
-  for l in range(4):
-    one = kernels.project_cross_lora(_sub(ws[l], 5), _sub(wt[l], 5), jnp.asarray(a[l]), jnp.asarray(b[l]))
-    np.testing.assert_allclose(batched.a_ri[l], one.a_ri, atol=1e-5)
-    np.testing.assert_allclose(batched.b_or[l], one.b_or, atol=1e-5)
+  for solver in ("closed", "lstsq"):  # one adapter (N = 1) through the engine's kernel
+    batched = kernels.project_cross_lora_adapters(ss, st, jnp.asarray(a)[None], jnp.asarray(b)[None], solver=solver)
+    for l in range(4):
+      layer = kernels.project_cross_lora(_sub(ws[l], 5), _sub(wt[l], 5), jnp.asarray(a[l]), jnp.asarray(b[l]))
+      np.testing.assert_allclose(batched.a_ri[0, l], layer.a_ri, atol=1e-5)
+      np.testing.assert_allclose(batched.b_or[0, l], layer.b_or, atol=1e-5)
 
 
 def test_sign_canonicalisation_removes_solver_sign_choice():

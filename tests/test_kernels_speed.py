@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
+from crosslora_bench.adapters import random_adapter
 from crosslora_jax.core import kernels
 
 
@@ -142,18 +143,7 @@ def _tiny_models():
 
 
 def _adapter(arch, seed, r, layers=None, modules=("q_proj", "up_proj")):
-  from crosslora_jax.formats import peft_format
-  rng = np.random.default_rng(seed)
-  config = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": list(modules)}
-  if layers is not None:
-    config["layers_to_transform"] = list(layers)
-  pairs = {}
-  for layer in (range(arch.num_layers) if layers is None else layers):
-    for module in modules:
-      out_dim, in_dim = arch.shape(module)
-      pairs[arch.module_path(layer, arch.stored_for(module)[0])] = peft_format.LoraPair(
-          _rand(rng, r, in_dim), _rand(rng, out_dim, r))
-  return peft_format.PeftAdapter(config, pairs)
+  return random_adapter(arch, seed=seed, rank=r, modules=modules, layers=layers)
 
 
 @pytest.mark.parametrize("method", ["cross_lora", "truncate_pad"])
@@ -172,13 +162,13 @@ def test_batch_of_adapters_equals_one_by_one(monkeypatch, method):
 
   monkeypatch.setattr(kernels, "project_cross_lora_adapters", spy)
   config = TransferConfig(rank=4, method=method, svd="randomized", chunk_layers=8)
-  together = engine.transfer(source, target, adapters, config)
+  together = engine.transfer_adapters(source, target, adapters, config)
   if method == "cross_lora":
     # Per module: the two rank-2 adapters on all layers in one call; rank 3 and the
     # layer subset each on their own.
     assert sorted(calls) == sorted([(2, 3), (1, 3), (1, 2)] * 2)
   for adapter, batched in zip(adapters, together):
-    alone = engine.transfer(source, target, [adapter], config)[0]
+    alone = engine.transfer_adapters(source, target, [adapter], config)[0]
     assert alone.adapter.config == batched.adapter.config
     assert alone.adapter.modules.keys() == batched.adapter.modules.keys()
     for path, pair in alone.adapter.modules.items():

@@ -152,3 +152,28 @@ def test_token_logprobs_and_nll_match_torch(variant):
   lm = jlm.LM(lm.config, lm.params, folder=folder, vocab_chunk=48)  # 128 = 48 + 48 + 32: a ragged last chunk
   np.testing.assert_allclose(np.asarray(lm.token_logprobs(ids)), ref, atol=2e-5)
   np.testing.assert_allclose(np.asarray(lm.nll(ids)), -ref.mean(-1), atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "phi3"])
+def test_a_jax_lora_saved_loads_in_peft_without_warnings(name, tmp_path):
+  """init_lora -> (perturbed) -> lora_to_peft -> save_adapter -> peft.PeftModel: same logits, no warnings."""
+  import jax
+
+  from peft_helpers import load_with_adapter
+
+  from crosslora_jax.formats.adapter_io import save_adapter
+
+  folder = tmp_path / "model"
+  make_lm_model(name, folder)
+  lm = jlm.load(folder)
+  spec = jlm.LoraSpec(r=4, alpha=8, target_modules=tuple(LORA_MODULES[name]), rank_pattern={LORA_MODULES[name][0]: 2})
+  keys = iter(jax.random.split(jax.random.key(0), 1000))
+  lora = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(next(keys), x.shape), jlm.init_lora(lm.config, spec, jax.random.key(1)))
+  if name == "gpt2":
+    save_adapter(jlm.lora_to_peft(lora, spec, base_model_name_or_path=str(folder), cfg=lm.config), tmp_path / "adapter")
+  else:
+    lm.with_lora(lora, spec).save_adapter(tmp_path / "adapter")
+  peft_model, caught = load_with_adapter(folder, tmp_path / "adapter")
+  assert caught == []
+  ids = np.random.default_rng(6).integers(0, 128, (2, SEQ))
+  assert_logits_match(lm.with_lora(lora, spec).logits(ids), torch_logits(peft_model, ids))

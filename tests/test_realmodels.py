@@ -1,7 +1,8 @@
 """Real pretrained models (crosslora_bench.zoo): transfers load in PEFT, act, and report sane numbers.
 
-The models are fetched (downloaded and converted once, then cached) by the
-session fixture. Pairs: the shipped example adapter SmolLM2 -> Qwen2.5-Coder-0.5B
+The models are read from the models folder (``$CROSSLORA_MODELS``, see
+crosslora_bench.zoo.models_dir), where ``python scripts/fetch_models.py`` puts them
+(scripts/test.sh runs it first); the tests never download. Pairs: the shipped example adapter SmolLM2 -> Qwen2.5-Coder-0.5B
 and SmolLM2 -> Gemma-3-270M, and back Qwen2.5 -> SmolLM2 with a small random
 (nonzero) PEFT LoRA made on Qwen here. Every method that applies to a pair is run;
 methods that need equal shapes must refuse a cross-shape pair with a clear error.
@@ -17,8 +18,10 @@ import numpy as np
 import pytest
 import torch
 
+from crosslora_bench.adapters import random_adapter
 from crosslora_jax import CrossLoraError, TransferConfig, read_adapter, save_adapter, transfer_adapter
-from crosslora_jax.core import planning
+from crosslora_jax import methods
+from crosslora_jax.formats.architectures import CANONICAL_MODULES
 from crosslora_jax.formats.checkpoint import Checkpoint
 from peft_helpers import base_logits, load_with_adapter, logits
 
@@ -28,7 +31,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The shipped example adapter; CROSSLORA_EXAMPLE_ADAPTER points the tests at another SmolLM2 LoRA.
 EXAMPLE = pathlib.Path(os.environ.get("CROSSLORA_EXAMPLE_ADAPTER", ROOT / "examples" / "smollm2-pydoc-lora"))
 MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m")
-CROSS_SHAPE_METHODS = tuple(m for m in planning.METHODS if m not in planning.SAME_SHAPE_METHODS)
+CROSS_SHAPE_METHODS = tuple(name for name, m in methods.REGISTRY.items() if not m.same_shape)
+SAME_SHAPE_METHODS = tuple(name for name, m in methods.REGISTRY.items() if m.same_shape)
 PAIRS = (("smollm2-135m", "qwen2.5-coder-0.5b"), ("smollm2-135m", "gemma3-270m"),
          ("qwen2.5-coder-0.5b", "smollm2-135m"))
 PAIR_IDS = ("smollm2_to_qwen", "smollm2_to_gemma", "qwen_to_smollm2")
@@ -38,7 +42,12 @@ PAIR_IDS = ("smollm2_to_qwen", "smollm2_to_gemma", "qwen_to_smollm2")
 def zoo_dirs() -> dict[str, pathlib.Path]:
   from crosslora_bench import zoo
 
-  return {name: zoo.fetch_model(name) for name in MODELS}
+  found = {name: zoo.model_path(name) for name in MODELS}
+  missing = [name for name, folder in found.items() if folder is None]
+  if missing:
+    pytest.fail(f"real models {', '.join(missing)} expected in {zoo.models_dir()}, got none there: run "
+                f"python scripts/fetch_models.py first (scripts/test.sh does), or point ${zoo.MODELS_ENV} at them")
+  return found
 
 
 @pytest.fixture(scope="session")
@@ -50,24 +59,13 @@ def qwen_adapter(zoo_dirs, tmp_path_factory) -> pathlib.Path:
   """
   from peft import LoraConfig
 
-  from crosslora_jax import PeftAdapter
-  from crosslora_jax.formats.peft_format import LoraPair
-
   arch = Checkpoint(zoo_dirs["qwen2.5-coder-0.5b"]).arch
-  modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-  config = LoraConfig(r=4, lora_alpha=8, target_modules=list(modules), task_type="CAUSAL_LM").to_dict()
+  config = LoraConfig(r=4, lora_alpha=8, target_modules=list(CANONICAL_MODULES), task_type="CAUSAL_LM").to_dict()
   config = {k: sorted(v) if isinstance(v, set) else getattr(v, "value", v) for k, v in config.items()}
   config["base_model_name_or_path"] = str(zoo_dirs["qwen2.5-coder-0.5b"])
-  rng = np.random.default_rng(0)
-  pairs = {}
-  for layer in range(arch.num_layers):
-    for stored in arch.spec.stored:
-      out_dim, in_dim = arch.stored_shape(stored)
-      pairs[arch.module_path(layer, stored)] = LoraPair(
-          (rng.standard_normal((4, in_dim)) / np.sqrt(in_dim)).astype(np.float32),
-          (rng.standard_normal((out_dim, 4)) * 0.02).astype(np.float32))
+  adapter = random_adapter(arch, seed=0, rank=4, a_scale=None, b_scale=0.02, config=config)
   out = tmp_path_factory.mktemp("qwen-lora") / "qwen-random-lora"
-  save_adapter(PeftAdapter(config, pairs), out, dtype="float16", target=arch)
+  save_adapter(adapter, out, dtype="float16", target=arch)
   return out
 
 
@@ -136,7 +134,7 @@ def test_report_numbers_are_finite_and_in_range(transferred, source, target, met
     assert max(e["norm_ratio"] for e in report.entries) <= 1 + 1e-4
 
 
-@pytest.mark.parametrize("method", planning.SAME_SHAPE_METHODS)
+@pytest.mark.parametrize("method", SAME_SHAPE_METHODS)
 def test_same_shape_methods_refuse_a_cross_family_pair(zoo_dirs, method):
   with pytest.raises(CrossLoraError, match="equal"):
     transfer_adapter(zoo_dirs["smollm2-135m"], zoo_dirs["qwen2.5-coder-0.5b"], EXAMPLE,

@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent("""
     import jax, numpy as np, pytest
     from crosslora_jax import DictWeights, TransferConfig
     from crosslora_jax.core import engine, kernels, sharding
-    from crosslora_jax.formats import peft_format
+    from crosslora_bench.adapters import random_adapter
     from crosslora_jax.formats.architectures import Architecture
 
     assert jax.device_count() == 4, jax.devices()
@@ -60,16 +60,9 @@ SCRIPT = textwrap.dedent("""
       return DictWeights(config, {arch.weight_key(l, s): separated(r, *arch.stored_shape(s))
                                   for l in range(arch.num_layers) for s in arch.spec.stored})
     source, target = weights(1), weights(2)
-    pairs = {}
-    for l in range(5):
-      for m in ("q_proj", "down_proj"):
-        out_dim, in_dim = source.arch.shape(m)
-        pairs[source.arch.module_path(l, source.arch.stored_for(m)[0])] = peft_format.LoraPair(
-            rng.standard_normal((2, in_dim)).astype(np.float32), rng.standard_normal((out_dim, 2)).astype(np.float32))
-    adapter = peft_format.PeftAdapter({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
-                                       "target_modules": ["q_proj", "down_proj"]}, pairs)
-    # 5 layers in chunks of 3 -> buckets of 3 padded to 4 (a multiple of the mesh) when sharded.
-    runs = [engine.transfer(source, target, [adapter], TransferConfig(rank=4, svd=svd, chunk_layers=3,
+    adapter = random_adapter(source.arch, seed=3, rank=2, alpha=4, modules=("q_proj", "down_proj"))
+    # 5 layers in chunks of 3 -> SVD batches of 3 padded to 4 (a multiple of the mesh) when sharded.
+    runs = [engine.transfer_adapters(source, target, [adapter], TransferConfig(rank=4, svd=svd, chunk_layers=3,
                                                                       shard_layers=shard))[0]
             for svd in ("exact", "randomized") for shard in (True, False)]
     # Exact: the same LAPACK call per matrix, so equal to float32 noise. Randomized: a batch
@@ -105,9 +98,9 @@ def test_one_device_means_no_mesh():
 
 def test_buckets_are_even_and_padded_to_the_mesh():
   from crosslora_jax.core import engine
-  assert [len(c) for c in engine._even_chunks(list(range(28)), 8)] == [7, 7, 7, 7]
-  assert [len(c) for c in engine._even_chunks(list(range(5)), 3)] == [3, 2]
-  assert engine._even_chunks([], 8) == []
-  assert sum(engine._even_chunks(list(range(30)), 8), []) == list(range(30))
+  assert [len(c) for c in engine.even_chunks(list(range(28)), 8)] == [7, 7, 7, 7]
+  assert [len(c) for c in engine.even_chunks(list(range(5)), 3)] == [3, 2]
+  assert engine.even_chunks([], 8) == []
+  assert sum(engine.even_chunks(list(range(30)), 8), []) == list(range(30))
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), (sharding.AXIS,))
   assert sharding.round_up(7, mesh) == 7

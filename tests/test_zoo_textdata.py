@@ -209,8 +209,14 @@ def test_fetch_model_checksum_failure_leaves_no_folder(tmp_path, monkeypatch):
 
 def test_model_path_needs_a_matching_marker(tmp_path, monkeypatch):
   monkeypatch.setenv(zoo.CACHE_ENV, str(tmp_path))
+  monkeypatch.delenv(zoo.MODELS_ENV, raising=False)
   spec = zoo.MODELS["smollm2-135m"]
   assert zoo.cache_root() == tmp_path
+  assert zoo.models_dir() == tmp_path / "models"
+  monkeypatch.setenv(zoo.MODELS_ENV, str(tmp_path / "elsewhere"))
+  assert zoo.models_dir() == tmp_path / "elsewhere"
+  assert zoo.models_dir(tmp_path / "c") == tmp_path / "c" / "models"  # an explicit cache_dir wins
+  monkeypatch.delenv(zoo.MODELS_ENV)
   assert zoo.model_path(spec.name) is None
   folder = tmp_path / "models" / spec.folder_name
   folder.mkdir(parents=True)

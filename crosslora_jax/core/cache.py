@@ -43,21 +43,25 @@ from safetensors.numpy import save as st_save
 
 from crosslora_jax.core import kernels
 
-CACHE_ENV = "CROSSLORA_CACHE"  # root shared with crosslora_bench.zoo; subspaces live in <root>/subspaces
+CACHE_ENV = "CROSSLORA_CACHE"  # the cache root: <root>/subspaces, <root>/xla, <root>/models (crosslora_bench.zoo)
 FORMAT_VERSION = 2  # bump when a kernel's numbers change: older entries then miss
 _FIELDS = ("u", "s", "v", "energy")
 
 
-def default_cache_dir() -> pathlib.Path:
-  """``$CROSSLORA_CACHE/subspaces``, else ``~/.cache/crosslora_jax/subspaces`` (the zoo's root)."""
+def cache_root() -> pathlib.Path:
+  """``$CROSSLORA_CACHE``, else ``~/.cache/crosslora_jax``: every cache of the project lives below."""
   root = os.environ.get(CACHE_ENV)
-  base = pathlib.Path(root).expanduser() if root else pathlib.Path.home() / ".cache" / "crosslora_jax"
-  return base / "subspaces"
+  return pathlib.Path(root).expanduser() if root else pathlib.Path.home() / ".cache" / "crosslora_jax"
+
+
+def default_cache_dir() -> pathlib.Path:
+  """``<cache root>/subspaces``: the subspace cache."""
+  return cache_root() / "subspaces"
 
 
 def default_xla_cache_dir() -> pathlib.Path:
-  """``$CROSSLORA_CACHE/xla``, else ``~/.cache/crosslora_jax/xla``: JAX's persistent compilation cache."""
-  return default_cache_dir().parent / "xla"
+  """``<cache root>/xla``: JAX's persistent compilation cache."""
+  return cache_root() / "xla"
 
 
 def enable_compilation_cache(folder: str | os.PathLike[str]) -> None:
@@ -65,7 +69,7 @@ def enable_compilation_cache(folder: str | os.PathLike[str]) -> None:
 
   A transfer compiles about 30 programs (one truncated SVD per module and model, the
   projections, the report's overlaps). On one H200 that was 152 s of a 170 s cold run
-  (cProfile: ``backend_compile_and_load``, 8-layer paper-scale run, BUILD_NOTES "Speed"),
+  (cProfile: ``backend_compile_and_load``, 8-layer paper-scale run, BUILD_NOTES "Speed and memory"),
   on 2 CPU cores about 0.3–0.5 s each; with this cache later runs with the same shapes
   load them instead. Call before the first computation; JAX ignores a cache it cannot write.
   """
@@ -100,13 +104,13 @@ class EntryKey:
   def make(cls, model: str, module: str, layer: int, shape: tuple[int, int], *, rank: int, method: str,
            seed: int, n_oversamples: int, n_power_iter: int) -> "EntryKey":
     """A key where options that do not affect ``method``'s result are left out (None)."""
-    randomized = method == "randomized"
+    randomized = method in kernels.SEEDED_SVD_METHODS
     return cls(model, module, int(layer), (int(shape[0]), int(shape[1])), int(rank), method,
                int(seed) if randomized else None, int(n_oversamples) if randomized else None,
                int(n_power_iter) if randomized else None)
 
   def filename(self) -> str:
-    opts = f"s{self.seed}-p{self.n_oversamples}-q{self.n_power_iter}-" if self.method == "randomized" else ""
+    opts = f"s{self.seed}-p{self.n_oversamples}-q{self.n_power_iter}-" if self.method in kernels.SEEDED_SVD_METHODS else ""
     return f"{self.module}-L{self.layer:04d}-r{self.rank}-{self.method}-{opts}v{self.version}.safetensors"
 
   def to_json(self) -> str:

@@ -1,33 +1,50 @@
-"""Execution: read base weights bucket by bucket, decompose once, project every adapter.
+"""The transfer pipeline, top-down: open → plan → project → refine → results.
 
-:func:`transfer` is the library entry point the CLI calls. Base subspaces are
-computed once per (model, module, layer) and shared by every adapter of the run,
-and with ``cache_dir`` by every later run (:mod:`crosslora_jax.core.cache`).
+:func:`transfer_adapters` is the library entry point the CLI calls:
+
+1. **open** (:func:`open_inputs`): the two bases (lazy safetensors readers) and the adapters;
+2. **plan** (:func:`plan_transfers`): which source weight feeds which target weight, per
+   adapter (:mod:`crosslora_jax.core.planning`), before any weight is read;
+3. **project** (:func:`project_all`): module by module and, within a module,
+   ``chunk_layers`` target layers at a time: decompose (or load from the cache) the
+   chunk's base weights, project every adapter through them with the method's batched
+   projection (:mod:`crosslora_jax.methods`), drop them. Peak memory is one chunk of
+   weights plus the outputs;
+4. **refine** (:data:`RefineStage`): a whole-model stage over the projected factors; none
+   by default (:func:`keep_projected`);
+5. **results** (:func:`build_results`): one PEFT adapter (float32) and one report per
+   adapter. Writing and verifying them is :mod:`crosslora_jax.formats.adapter_io`
+   (``TransferResult.save``; the CLI writes the same way).
+
+Base subspaces are computed once per (model, module, layer) and shared by every
+adapter of the run, and with ``cache_dir`` by every later run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from crosslora_jax.methods import anchored
-from crosslora_jax.core import kernels, planning, sharding
-from crosslora_jax.formats import peft_format
-from crosslora_jax.core.cache import EntryKey, SubspaceCache, model_id
-from crosslora_jax.formats.checkpoint import BaseWeights, open_base
-from crosslora_jax.errors import CrossLoraError
+from crosslora_jax import methods
+from crosslora_jax.core import calibration, kernels, planning, sharding
+from crosslora_jax.core.sharding import blas_threads
+from crosslora_jax.core.cache import SubspaceCache
 from crosslora_jax.core.report import Report
+from crosslora_jax.core.subspaces import Subspaces, WeightNorms, module_index
+from crosslora_jax.errors import CrossLoraError
+from crosslora_jax.formats import peft_format
+from crosslora_jax.formats.checkpoint import BaseWeights, open_base
+from crosslora_jax.methods import anchored
 
 Progress = Callable[[str, int, int], None]  # (label, done, total)
+PathLike = str | os.PathLike[str]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +63,7 @@ class TransferConfig:
   skip_unsupported: bool = False
   chunk_layers: int = 8  # layers stacked per jitted call: bounds memory
   cache_dir: str | None = None  # subspace cache folder (cache.default_cache_dir() in the CLI); None: no cache
-  shard_layers: bool = True  # with several devices, shard each bucket's layer axis over them
+  shard_layers: bool = True  # with several devices, shard each SVD batch's layer axis over them
   blas_threads: int | None = 1  # LAPACK/BLAS threads during the run (threadpoolctl); None leaves them as they are
   base_model_name: str | None = None  # base_model_name_or_path; default: the target's name
   calibrate_norm: bool = False  # rescale each module so |dW_t|/|W_t| = |dW_s|/|W_s| (any method)
@@ -54,8 +71,8 @@ class TransferConfig:
 
   def __post_init__(self):
     problems = []
-    if self.method not in planning.METHODS:
-      problems.append(f"--method: one of {', '.join(planning.METHODS)} expected, got {self.method!r}")
+    if self.method not in methods.REGISTRY:
+      problems.append(f"--method: one of {', '.join(methods.REGISTRY)} expected, got {self.method!r}")
     if not isinstance(self.rank, int) or self.rank <= 0:
       problems.append(f"--rank: a positive integer expected, got {self.rank!r}")
     if self.layer_map not in planning.LAYER_MAPS:
@@ -82,206 +99,121 @@ class TransferConfig:
 
 @dataclasses.dataclass
 class TransferResult:
+  """One transferred adapter and its report."""
+
   adapter: peft_format.PeftAdapter  # float32 factors, config for the target
   report: Report
 
-  def save(self, folder: str | os.PathLike[str], dtype: Any | None = None) -> None:
+  def save(self, folder: PathLike, dtype: Any | None = None) -> None:
     from crosslora_jax.formats import adapter_io
     adapter_io.save_result(self, folder, dtype=dtype)  # the CLI's save path and dtype rule
 
 
-class Subspaces:
-  """Rank-r subspaces of one base model's weights: from the cache, else decomposed bucket by bucket.
+@dataclasses.dataclass
+class AdapterOutput:
+  """One adapter's projected factors and report entries, filled module by module."""
 
-  A subspace is a function of (weights, module, layer, rank, SVD options, seed)
-  only, never of the adapter or of which model plays source or target, so it can
-  be cached on disk (:mod:`crosslora_jax.core.cache`) and shared. Results are kept in
-  memory only until :meth:`release`: the engine streams, so at most a few buckets
-  of subspaces are held at a time.
-  """
-
-  def __init__(self, base: BaseWeights, config: TransferConfig, *, cache: SubspaceCache | None = None,
-               mesh: jax.sharding.Mesh | None = None):
-    self.base = base
-    self.config = config
-    self.cache = cache
-    self.mesh = mesh
-    self._memo: dict[tuple[str, int, int], kernels.Subspace] = {}
-    self._model_id = model_id(base.fingerprint()) if cache is not None else None
-    self.seconds = 0.0  # reading weights + decomposing + cache reads/writes
-    self.computed = 0  # weights decomposed in this run
-    self.loaded = 0  # weights taken from the cache
-
-  def get(self, module: str, layers: Sequence[int], rank: int, *, bucket: int | None = None,
-          progress: Callable[[int], None] | None = None) -> kernels.Subspace:
-    """Stacked subspaces (L, ...) of ``module`` for ``layers`` (repeats allowed), as numpy.
-
-    Missing layers are decomposed ``bucket`` at a time (default chunk_layers; a short
-    bucket is padded by repeating a weight, so each module compiles once).
-    """
-    t0 = time.perf_counter()
-    todo = sorted({l for l in layers if (module, l, rank) not in self._memo})
-    if self.cache is not None and todo:
-      missing = []
-      for l in todo:
-        sub = self.cache.load(self._entry_key(module, l, rank))
-        if sub is None:
-          missing.append(l)
-        else:
-          self._memo[(module, l, rank)] = sub
-          self.loaded += 1
-      if progress is not None and len(todo) > len(missing):
-        progress(len(todo) - len(missing))
-      todo = missing
-    size = sharding.round_up(bucket or self.config.chunk_layers, self.mesh)
-    for start in range(0, len(todo), size):
-      part = todo[start:start + size]
-      weights = [np.asarray(self.base.weight(l, module)) for l in part]
-      pad = size - len(part)  # repeat the last weight (not zeros: keeps the numerics of a real layer)
-      stack = np.stack(weights + weights[-1:] * pad)
-      del weights
-      keys = layer_keys(self.config.seed, module, part + part[-1:] * pad)
-      sub = sharding.truncated_svd_layers(stack, keys, mesh=self.mesh, rank=rank, method=self.config.svd,
-                                          n_oversamples=self.config.n_oversamples,
-                                          n_power_iter=self.config.n_power_iter)
-      del stack
-      sub = jax.tree.map(np.asarray, sub)
-      for n, l in enumerate(part):
-        one = kernels.Subspace(*(np.array(x[n]) for x in sub))  # a copy: the bucket array is freed
-        self._memo[(module, l, rank)] = one
-        if self.cache is not None:
-          self.cache.store(self._entry_key(module, l, rank), one, describe={"name": self.base.name})
-      self.computed += len(part)
-      if progress is not None:
-        progress(len(part))
-    self.seconds += time.perf_counter() - t0
-    return jax.tree.map(lambda *xs: np.stack(xs), *[self._memo[(module, l, rank)] for l in layers])
-
-  def weight_norm(self, module: str, layer: int, rank: int) -> float:
-    """‖W‖_F of a weight held in memory, from its subspace: Σσ_r² / energy."""
-    sub = self._memo[(module, layer, rank)]
-    top = float(np.sum(np.square(sub.s, dtype=np.float64)))
-    return float(np.sqrt(top / float(sub.energy))) if float(sub.energy) > 0 else 0.0
-
-  def release(self, module: str, keep: Collection[int] = ()) -> None:
-    """Forgets ``module``'s subspaces except those of the layers in ``keep``."""
-    for key in [k for k in self._memo if k[0] == module and k[1] not in keep]:
-      del self._memo[key]
-
-  def _entry_key(self, module: str, layer: int, rank: int) -> EntryKey:
-    return EntryKey.make(self._model_id, module, layer, self.base.arch.shape(module), rank=rank,
-                         method=self.config.svd, seed=self.config.seed, n_oversamples=self.config.n_oversamples,
-                         n_power_iter=self.config.n_power_iter)
+  factors: dict[tuple[int, str], tuple[np.ndarray, np.ndarray, float]] = dataclasses.field(default_factory=dict)
+  entries: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # one per target weight
 
 
-def layer_keys(seed: int, module: str, layers: Sequence[int]) -> jax.Array:
-  """One PRNG key per (seed, module, layer): independent of bucketing, sharding and model role."""
-  base = jax.random.fold_in(jax.random.key(seed), _module_index(module))
-  return jax.vmap(lambda l: jax.random.fold_in(base, l))(jnp.asarray(layers, jnp.uint32))
+@dataclasses.dataclass
+class TransferRun:
+  """What one run holds while it projects: inputs, plans, subspaces and the outputs so far."""
+
+  config: TransferConfig
+  method: methods.Method
+  source: BaseWeights
+  target: BaseWeights
+  adapters: list[peft_format.PeftAdapter]
+  plans: list[planning.Plan]
+  subspaces_source: Subspaces
+  subspaces_target: Subspaces
+  norms_source: WeightNorms
+  norms_target: WeightNorms
+  context: Any  # what the method's prepare() built (anchored: the Anchors), else None
+  outputs: list[AdapterOutput]
+  cache: SubspaceCache | None = None
 
 
-def _module_index(module: str) -> int:
-  from crosslora_jax.formats.architectures import CANONICAL_MODULES
-  return CANONICAL_MODULES.index(module)
+# The refine stage: called once after projection with the whole run; it may replace
+# run.outputs[n].factors (same keys and shapes). The distillation refine plugs in here.
+RefineStage = Callable[[TransferRun], None]
 
 
-def _even_chunks(layers: Sequence[int], chunk: int) -> list[list[int]]:
-  """``layers`` cut into ceil(n / chunk) runs of near-equal length (28, 8 -> 4 x 7, not 8+8+8+4)."""
-  if not layers:
-    return []
-  n_chunks = -(-len(layers) // chunk)
-  size = -(-len(layers) // n_chunks)
-  return [list(layers[i:i + size]) for i in range(0, len(layers), size)]
+def keep_projected(run: TransferRun) -> None:
+  """The default refine stage: the projected factors are the result."""
+  del run
 
 
-class _NormMemo:
-  """‖W‖_F per (module, layer) of one model, for the report: from a subspace when one is held,
-  else read once per run (never once per adapter)."""
-
-  def __init__(self, base: BaseWeights, subs: Subspaces | None):
-    self.base, self.subs = base, subs
-    self._memo: dict[tuple[str, int], float] = {}
-
-  def __call__(self, module: str, layer: int, rank: int | None) -> float:
-    key = (module, layer)
-    if key not in self._memo:
-      if self.subs is not None and rank is not None and (module, layer, rank) in self.subs._memo:
-        self._memo[key] = self.subs.weight_norm(module, layer, rank)
-      else:
-        self._memo[key] = float(np.linalg.norm(np.asarray(self.base.weight(layer, module), np.float32)))
-    return self._memo[key]
-
-
-@contextlib.contextmanager
-def blas_threads(n: int | None):
-  """Limits BLAS/LAPACK threads (OpenBLAS, MKL, ...) inside the block; restores them after.
-
-  jaxlib's CPU linear algebra (QR, Cholesky, eigh, SVD) calls LAPACK from the
-  OpenBLAS that scipy ships, which spins its own threads beside XLA's: on a busy
-  2-core machine a 330x330 Cholesky took 0.6 s instead of 3 ms, and a 3072x3072 SVD
-  124 s instead of 26 s (BUILD_NOTES.md, "Speed"). Needs threadpoolctl; a no-op without it.
-  """
-  if n is None:
-    yield
-    return
-  try:
-    from threadpoolctl import threadpool_limits
-  except ImportError:
-    logging.info("threadpoolctl is not installed: BLAS threads left as they are")
-    yield
-    return
-  with threadpool_limits(limits=n, user_api="blas"):
-    yield
-
-
-def transfer(source: str | os.PathLike[str] | BaseWeights, target: str | os.PathLike[str] | BaseWeights,
-             adapters: Sequence[str | os.PathLike[str] | peft_format.PeftAdapter],
-             config: TransferConfig = TransferConfig(), *, progress: Progress | None = None) -> list[TransferResult]:
+def transfer_adapters(source: PathLike | BaseWeights, target: PathLike | BaseWeights,
+                      adapters: Sequence[PathLike | peft_format.PeftAdapter], config: TransferConfig = TransferConfig(),
+                      *, progress: Progress | None = None, refine: RefineStage | None = None) -> list[TransferResult]:
   """Moves each adapter from ``source`` to ``target``; bases are decomposed once for all.
-
-  See :func:`_transfer`; runs with BLAS threads limited to ``config.blas_threads``.
-  """
-  with blas_threads(config.blas_threads):
-    return _transfer(source, target, adapters, config, progress=progress)
-
-
-def _transfer(source: str | os.PathLike[str] | BaseWeights, target: str | os.PathLike[str] | BaseWeights,
-              adapters: Sequence[str | os.PathLike[str] | peft_format.PeftAdapter],
-              config: TransferConfig, *, progress: Progress | None = None) -> list[TransferResult]:
-  """Moves each adapter from ``source`` to ``target``; bases are decomposed once for all.
-
-  Streams module by module and, within a module, ``chunk_layers`` target layers at a
-  time: read and decompose (or load from the cache) the weights of the chunk, project
-  every adapter through them (adapters of one LoRA rank and layout in one vmapped
-  call), drop them. Peak memory is one chunk of weights plus the outputs.
 
   Paths are read lazily; already-loaded ``BaseWeights``/``PeftAdapter`` objects are used as
-  they are. Returns float32 adapters (cast on save) and one report per adapter.
+  they are. Returns float32 adapters (cast on save) and one report per adapter. Runs with
+  BLAS threads limited to ``config.blas_threads``.
   """
-  t_start = time.perf_counter()
+  with blas_threads(config.blas_threads):
+    t_start = time.perf_counter()
+    source_w, target_w, loaded = open_inputs(source, target, adapters, config)
+    plans = plan_transfers(loaded, source_w, target_w, config)
+    run = start_run(source_w, target_w, loaded, plans, config)
+    project_all(run, progress)
+    (refine or keep_projected)(run)
+    seconds = time.perf_counter() - t_start
+    if run.cache is not None:
+      logging.info("subspace cache %s", run.cache.stats())
+    return build_results(run, seconds=seconds)
+
+
+def transfer_adapter(source, target, adapter, config: TransferConfig = TransferConfig(), **kwargs) -> TransferResult:
+  """One adapter: see :func:`transfer_adapters`."""
+  return transfer_adapters(source, target, [adapter], config, **kwargs)[0]
+
+
+def open_inputs(source: PathLike | BaseWeights, target: PathLike | BaseWeights,
+                adapters: Sequence[PathLike | peft_format.PeftAdapter], config: TransferConfig):
+  """(source BaseWeights, target BaseWeights, PeftAdapters): folders opened lazily, objects kept."""
   source_w, target_w = open_base(source), open_base(target)
   loaded = [a if isinstance(a, peft_format.PeftAdapter)
             else peft_format.read_adapter(a, skip_unsupported=config.skip_unsupported) for a in adapters]
+  return source_w, target_w, loaded
+
+
+def plan_transfers(loaded: Sequence[peft_format.PeftAdapter], source_w: BaseWeights, target_w: BaseWeights,
+                   config: TransferConfig) -> list[planning.Plan]:
+  """One plan per adapter: canonical factors, layer map, work items by module, skips."""
   plans = []
   for adapter in loaded:
     factors = planning.canonical_factors(adapter, source_w.arch, where=str(adapter.path or adapter.name))
     plans.append(planning.make_plan(factors, source_w.arch, target_w.arch, method=config.method,
                                     rank=config.rank, layer_map_kind=config.layer_map))
+  return plans
+
+
+def start_run(source_w: BaseWeights, target_w: BaseWeights, loaded: list[peft_format.PeftAdapter],
+              plans: list[planning.Plan], config: TransferConfig) -> TransferRun:
+  """The run's shared state: the subspace cache, the device mesh, the method's context."""
+  method = methods.get(config.method)
   cache = SubspaceCache(config.cache_dir) if config.cache_dir is not None else None
   mesh = sharding.layer_mesh() if config.shard_layers else None
   subs_s = Subspaces(source_w, config, cache=cache, mesh=mesh)
   subs_t = Subspaces(target_w, config, cache=cache, mesh=mesh)
-  modules = sorted({m for p in plans for m in p.buckets}, key=_module_index)
-  needs_source = config.method == "cross_lora"
-  needs_target = config.method in ("cross_lora", "lora_x")
-  anchors = anchored.anchors_for(source_w, target_w, config.anchor) if config.method == "anchored" else None
-  norm_s = _NormMemo(source_w, subs_s if needs_source else None)
-  norm_t = _NormMemo(target_w, subs_t if needs_target else None)
-  total = 0
-  for module in modules:
-    src_layers = sorted({w.source_layer for p in plans for w in p.buckets.get(module, [])})
-    tgt_layers = sorted({w.target_layer for p in plans for w in p.buckets.get(module, [])})
-    total += (len(src_layers) if needs_source else 0) + (len(tgt_layers) if needs_target else 0)
+  context = method.prepare(source_w, target_w, config) if method.prepare is not None else None
+  return TransferRun(
+      config=config, method=method, source=source_w, target=target_w, adapters=loaded, plans=plans,
+      subspaces_source=subs_s, subspaces_target=subs_t,
+      norms_source=WeightNorms(source_w, subs_s if method.needs_source_subspaces else None),
+      norms_target=WeightNorms(target_w, subs_t if method.needs_target_subspaces else None),
+      context=context, outputs=[AdapterOutput() for _ in loaded], cache=cache)
+
+
+def project_all(run: TransferRun, progress: Progress | None) -> None:
+  """Projects every module of every plan, streaming chunks of layers."""
+  modules = sorted({m for p in run.plans for m in p.by_module}, key=module_index)
+  total = sum(_layers_to_decompose(run, module) for module in modules)
   done = 0
 
   def tick(n: int) -> None:
@@ -290,112 +222,172 @@ def _transfer(source: str | os.PathLike[str] | BaseWeights, target: str | os.Pat
     if progress is not None:
       progress("decomposing base weights", done, total)
 
-  per_adapter = [dict() for _ in loaded]
-  entries = [[] for _ in loaded]
-  seconds_project = 0.0
   for module in modules:
-    rank = max(p.rank[module] for p in plans if module in p.buckets)
-    out_t, in_t = target_w.arch.shape(module)
-    items_n = [p.buckets.get(module, []) for p in plans]
-    chunks = _even_chunks(sorted({w.target_layer for items in items_n for w in items}), config.chunk_layers)
-    bucket = max(len(c) for c in chunks)
-    last_use: dict[int, int] = {}  # source layer -> last chunk that needs it
-    for c, chunk in enumerate(chunks):
-      for items in items_n:
-        for w in items:
-          if w.target_layer in chunk:
-            last_use[w.source_layer] = c
-    for c, chunk in enumerate(chunks):
-      in_chunk = set(chunk)
-      chunk_items = [[w for w in items if w.target_layer in in_chunk] for items in items_n]
-      src_layers = sorted({w.source_layer for items in chunk_items for w in items})
-      sub_t = subs_t.get(module, chunk, rank, bucket=bucket, progress=tick) if needs_target else None
-      sub_s = subs_s.get(module, src_layers, rank, bucket=bucket, progress=tick) if needs_source else None
-      t0 = time.perf_counter()
-      t_row = {l: i for i, l in enumerate(chunk)}
-      s_row = {l: i for i, l in enumerate(src_layers)}
-      overlap = {}
-      if needs_source:  # once per (source layer, target layer) pair, shared by all adapters
-        pairs = sorted({(w.source_layer, w.target_layer) for items in chunk_items for w in items})
-        ps, pt = _take(sub_s, [s_row[i] for i, _ in pairs]), _take(sub_t, [t_row[j] for _, j in pairs])
-        # Report only. The hang once blamed on these two being in flight together was jaxlib's
-        # batched CPU LAPACK deadlock, fixed in kernels.map_layers (BUILD_NOTES, "Solved: ...").
-        ov_u = np.asarray(kernels.batched_overlap(ps.u, pt.u))
-        ov_v = np.asarray(kernels.batched_overlap(ps.v, pt.v))
-        overlap = dict(zip(pairs, ((ov_u + ov_v) / 2).tolist()))
-      # Adapters whose items here have one LoRA rank and one (source, target) layout go in one call.
-      groups: dict[tuple[int, tuple[tuple[int, int], ...]], list[tuple[int, list[planning.WorkItem]]]] = {}
-      for n, items in enumerate(chunk_items):
-        by_rank: dict[int, list[planning.WorkItem]] = {}
-        for w in items:
-          by_rank.setdefault(w.factors.a_ri.shape[0], []).append(w)
-        for k, its in by_rank.items():
-          groups.setdefault((k, tuple((w.source_layer, w.target_layer) for w in its)), []).append((n, its))
-      for (k, layout), members in groups.items():
-        tg = time.perf_counter()
-        a = np.stack([np.stack([np.asarray(w.factors.a_ri, np.float32) for w in its]) for _, its in members])
-        b = np.stack([np.stack([np.asarray(w.factors.b_or, np.float32) for w in its]) for _, its in members])
-        extras = [[{} for _ in layout] for _ in members]
-        if config.method == "cross_lora":
-          proj = kernels.project_cross_lora_adapters(
-              _take(sub_s, [s_row[i] for i, _ in layout]), _take(sub_t, [t_row[j] for _, j in layout]),
-              a, b, solver=config.solver)
-        elif config.method == "lora_x":
-          proj = kernels.project_lora_x_adapters(_take(sub_t, [t_row[j] for _, j in layout]), a, b)
-        elif config.method == "truncate_pad":
-          flat = kernels.batched_truncate_pad(a.reshape(-1, *a.shape[2:]), b.reshape(-1, *b.shape[2:]),
-                                              out_t=out_t, in_t=in_t)
-          proj = jax.tree.map(lambda x: x.reshape(a.shape[:2] + x.shape[1:]), flat)
-        elif config.method == "anchored":
-          outs = [anchored.project_bucket(anchors, module, its) for _, its in members]
-          proj = jax.tree.map(lambda *xs: np.stack(xs), *[o[0] for o in outs])
-          extras = [o[1] for o in outs]
-        else:  # copy
-          proj = kernels.Projected(a, b, np.ones(a.shape[:2], np.float32))
-        proj = jax.tree.map(np.asarray, proj)
-        seconds = (time.perf_counter() - tg) / len(members)
-        for row, (n, its) in enumerate(members):
-          one = kernels.Projected(proj.a_ri[row], proj.b_or[row], proj.norm_ratio[row])
-          if config.calibrate_norm:  # rescales B; reads the base weights again (opt-in)
-            one, calib = anchored.calibrate_bucket(source_w, target_w, module, its, one, apply=True)
-          else:
-            calib = _relative_updates(its, one, module, rank, norm_s, norm_t)
-          for i, w in enumerate(its):
-            per_adapter[n][(w.target_layer, module)] = (one.a_ri[i], one.b_or[i], w.factors.scaling)
-            entries[n].append({
-                "target_key": target_w.arch.module_path(w.target_layer, target_w.arch.stored_for(module)[0]),
-                "module": module,
-                "target_layer": w.target_layer,
-                "source_key": w.factors.module_path,
-                "source_layer": w.source_layer,
-                "source_shape": list(source_w.arch.shape(module)),
-                "target_shape": [out_t, in_t],
-                "lora_rank": k,
-                "rank_used": plans[n].rank[module] if config.method in ("cross_lora", "lora_x") else None,
-                "energy_source": float(sub_s.energy[s_row[w.source_layer]]) if needs_source else None,
-                "energy_target": float(sub_t.energy[t_row[w.target_layer]]) if needs_target else None,
-                "norm_ratio": float(one.norm_ratio[i]),
-                "overlap": overlap.get((w.source_layer, w.target_layer)) if needs_source else None,
-                "seconds": seconds / len(its),
-                **extras[row][i], **calib[i],
-            })
-      seconds_project += time.perf_counter() - t0
-      subs_t.release(module)
-      subs_s.release(module, keep={l for l, last in last_use.items() if last > c})
-  wall = time.perf_counter() - t_start
-  if cache is not None:
-    logging.info("subspace cache %s", cache.stats())
-  base_name = config.base_model_name or target_w.name
+    project_module(run, module, tick)
+
+
+def _layers_to_decompose(run: TransferRun, module: str) -> int:
+  """Base weights of ``module`` the run decomposes (or loads): the progress bar's share."""
+  items = [w for p in run.plans for w in p.by_module.get(module, [])]
+  n_source = len({w.source_layer for w in items}) if run.method.needs_source_subspaces else 0
+  n_target = len({w.target_layer for w in items}) if run.method.needs_target_subspaces else 0
+  return n_source + n_target
+
+
+def project_module(run: TransferRun, module: str, tick: Callable[[int], None]) -> None:
+  """One module: target layers in near-equal chunks; a source subspace is kept until its last chunk."""
+  rank = max(p.rank[module] for p in run.plans if module in p.by_module)
+  items_per_adapter = [p.by_module.get(module, []) for p in run.plans]
+  chunks = even_chunks(sorted({w.target_layer for items in items_per_adapter for w in items}),
+                       run.config.chunk_layers)
+  chunk_size = max(len(c) for c in chunks)  # every SVD batch of the module has this many layers
+  last_use: dict[int, int] = {}  # source layer -> last chunk that needs it
+  for c, chunk in enumerate(chunks):
+    for items in items_per_adapter:
+      for w in items:
+        if w.target_layer in chunk:
+          last_use[w.source_layer] = c
+  for c, chunk in enumerate(chunks):
+    in_chunk = set(chunk)
+    chunk_items = [[w for w in items if w.target_layer in in_chunk] for items in items_per_adapter]
+    project_chunk(run, module, rank, chunk, chunk_items, chunk_size, tick)
+    run.subspaces_target.release(module)
+    run.subspaces_source.release(module, keep={l for l, last in last_use.items() if last > c})
+
+
+def even_chunks(layers: Sequence[int], chunk: int) -> list[list[int]]:
+  """``layers`` cut into ceil(n / chunk) runs of near-equal length (28, 8 -> 4 x 7, not 8+8+8+4)."""
+  if not layers:
+    return []
+  n_chunks = -(-len(layers) // chunk)
+  size = -(-len(layers) // n_chunks)
+  return [list(layers[i:i + size]) for i in range(0, len(layers), size)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkSubspaces:
+  """One chunk's subspaces, the row of each layer in them, and the report's overlaps."""
+
+  source: kernels.Subspace | None  # (L_s, ...) over the chunk's source layers
+  target: kernels.Subspace | None  # (L_t, ...) over the chunk's target layers
+  source_row: dict[int, int]
+  target_row: dict[int, int]
+  overlap: dict[tuple[int, int], float]  # (source layer, target layer) -> mean subspace overlap of U and V
+
+  def for_layout(self, layout: Sequence[tuple[int, int]]) -> tuple[kernels.Subspace | None, kernels.Subspace | None]:
+    """Subspaces stacked in the order of ``layout``'s (source layer, target layer) pairs."""
+    source = None if self.source is None else _take(self.source, [self.source_row[i] for i, _ in layout])
+    target = None if self.target is None else _take(self.target, [self.target_row[j] for _, j in layout])
+    return source, target
+
+
+def project_chunk(run: TransferRun, module: str, rank: int, chunk: list[int],
+                  chunk_items: list[list[planning.WorkItem]], chunk_size: int, tick: Callable[[int], None]) -> None:
+  """Decomposes one chunk's weights, then projects each group of adapters in one call."""
+  src_layers = sorted({w.source_layer for items in chunk_items for w in items})
+  sub_t = sub_s = None
+  if run.method.needs_target_subspaces:
+    sub_t = run.subspaces_target.get(module, chunk, rank, batch_layers=chunk_size, progress=tick)
+  if run.method.needs_source_subspaces:
+    sub_s = run.subspaces_source.get(module, src_layers, rank, batch_layers=chunk_size, progress=tick)
+  subs = ChunkSubspaces(sub_s, sub_t, {l: i for i, l in enumerate(src_layers)},
+                        {l: i for i, l in enumerate(chunk)}, {})
+  if sub_s is not None:  # once per (source layer, target layer) pair, shared by all adapters; report only
+    pairs = sorted({(w.source_layer, w.target_layer) for items in chunk_items for w in items})
+    ps, pt = subs.for_layout(pairs)
+    ov_u = np.asarray(kernels.batched_overlap(ps.u, pt.u))
+    ov_v = np.asarray(kernels.batched_overlap(ps.v, pt.v))
+    subs.overlap.update(zip(pairs, ((ov_u + ov_v) / 2).tolist()))
+  for (lora_rank, layout), members in group_by_layout(chunk_items).items():
+    project_group(run, module, rank, subs, lora_rank, layout, members)
+
+
+Layout = tuple[tuple[int, int], ...]  # (source layer, target layer) per row
+
+
+def group_by_layout(chunk_items: list[list[planning.WorkItem]]
+                    ) -> dict[tuple[int, Layout], list[tuple[int, list[planning.WorkItem]]]]:
+  """Adapters whose items have one LoRA rank and one layer layout go in one call.
+
+  Returns (LoRA rank, layout) -> [(adapter index, its items in layout order), ...].
+  """
+  groups: dict[tuple[int, Layout], list[tuple[int, list[planning.WorkItem]]]] = {}
+  for n, items in enumerate(chunk_items):
+    by_rank: dict[int, list[planning.WorkItem]] = {}
+    for w in items:
+      by_rank.setdefault(w.factors.a_ri.shape[0], []).append(w)
+    for lora_rank, same_rank in by_rank.items():
+      layout = tuple((w.source_layer, w.target_layer) for w in same_rank)
+      groups.setdefault((lora_rank, layout), []).append((n, same_rank))
+  return groups
+
+
+def project_group(run: TransferRun, module: str, rank: int, subs: ChunkSubspaces, lora_rank: int, layout: Layout,
+                  members: list[tuple[int, list[planning.WorkItem]]]) -> None:
+  """One batched projection of N adapters x L layers; then calibration and report entries per adapter."""
+  t0 = time.perf_counter()
+  sub_s, sub_t = subs.for_layout(layout)
+  batch = methods.ProjectionBatch(
+      module=module,
+      a_nlri=np.stack([np.stack([np.asarray(w.factors.a_ri, np.float32) for w in items]) for _, items in members]),
+      b_nlor=np.stack([np.stack([np.asarray(w.factors.b_or, np.float32) for w in items]) for _, items in members]),
+      sub_source=sub_s, sub_target=sub_t, target_shape=run.target.arch.shape(module),
+      items=[items for _, items in members], solver=run.config.solver, context=run.context)
+  proj, extras = run.method.project(batch)
+  proj = jax.tree.map(np.asarray, proj)
+  extras = extras or [[{} for _ in layout] for _ in members]
+  seconds = (time.perf_counter() - t0) / len(members)
+  for row, (n, items) in enumerate(members):
+    adapter_proj = kernels.Projected(proj.a_ri[row], proj.b_or[row], proj.norm_ratio[row])
+    if run.config.calibrate_norm:  # rescales B; reads the base weights again (opt-in)
+      adapter_proj, calib = calibration.calibrate(run.source, run.target, module, items, adapter_proj)
+    else:
+      calib = calibration.report_relative_updates(
+          items, adapter_proj, module, lambda m, l: run.norms_source(m, l, rank),
+          lambda m, l: run.norms_target(m, l, rank))
+    for i, w in enumerate(items):
+      run.outputs[n].factors[(w.target_layer, module)] = (adapter_proj.a_ri[i], adapter_proj.b_or[i],
+                                                          w.factors.scaling)
+      run.outputs[n].entries.append({
+          **_report_entry(run, n, w, subs, lora_rank, float(adapter_proj.norm_ratio[i])),
+          "seconds": seconds / len(items), **extras[row][i], **calib[i]})
+
+
+def _report_entry(run: TransferRun, n: int, w: planning.WorkItem, subs: ChunkSubspaces, lora_rank: int,
+                  norm_ratio: float) -> dict[str, Any]:
+  """The report fields of one target weight, in the report's order, up to its timing."""
+  arch_s, arch_t = run.source.arch, run.target.arch
+  return {
+      "target_key": arch_t.module_path(w.target_layer, arch_t.stored_for(w.module)[0]),
+      "module": w.module,
+      "target_layer": w.target_layer,
+      "source_key": w.factors.module_path,
+      "source_layer": w.source_layer,
+      "source_shape": list(arch_s.shape(w.module)),
+      "target_shape": list(arch_t.shape(w.module)),
+      "lora_rank": lora_rank,
+      "rank_used": run.plans[n].rank[w.module] if run.method.uses_subspaces else None,
+      "energy_source": None if subs.source is None else float(subs.source.energy[subs.source_row[w.source_layer]]),
+      "energy_target": None if subs.target is None else float(subs.target.energy[subs.target_row[w.target_layer]]),
+      "norm_ratio": norm_ratio,
+      "overlap": subs.overlap.get((w.source_layer, w.target_layer)) if subs.source is not None else None,
+  }
+
+
+def build_results(run: TransferRun, *, seconds: float) -> list[TransferResult]:
+  """One PEFT adapter for the target (float32) and one report per input adapter."""
+  config = run.config
+  base_name = config.base_model_name or run.target.name
   results = []
-  for n, adapter in enumerate(loaded):
-    new = planning.assemble(target_w.arch, per_adapter[n], adapter.config, base_model=base_name)
+  for adapter, plan, output in zip(run.adapters, run.plans, run.outputs):
+    new = planning.assemble(run.target.arch, output.factors, adapter.config, base_model=base_name)
     new.path = None
     report = Report.build(
-        adapter=adapter.name, source=source_w.name, target=target_w.name, config=dataclasses.asdict(config),
-        entries=sorted(entries[n], key=lambda e: (e["target_layer"], _module_index(e["module"]))),
-        skipped=plans[n].skipped + [{"source_key": s["key"], "reason": s["reason"]} for s in adapter.skipped],
-        layer_map=plans[n].layer_map, seconds=wall,
-        seconds_decompose=subs_s.seconds + subs_t.seconds,
+        adapter=adapter.name, source=run.source.name, target=run.target.name, config=dataclasses.asdict(config),
+        entries=sorted(output.entries, key=lambda e: (e["target_layer"], module_index(e["module"]))),
+        skipped=plan.skipped + [{"source_key": s["key"], "reason": s["reason"]} for s in adapter.skipped],
+        layer_map=plan.layer_map, seconds=seconds,
+        seconds_decompose=run.subspaces_source.seconds + run.subspaces_target.seconds,
         output_dtype=config.dtype or str(np.dtype(adapter.dtype)))
     results.append(TransferResult(new, report))
   return results
@@ -404,25 +396,3 @@ def _transfer(source: str | os.PathLike[str] | BaseWeights, target: str | os.Pat
 def _take(sub: kernels.Subspace, rows: Sequence[int]) -> kernels.Subspace:
   idx = np.asarray(rows)
   return kernels.Subspace(*(x[idx] for x in sub))
-
-
-def _relative_updates(items: Sequence[planning.WorkItem], proj: kernels.Projected, module: str, rank: int,
-                      norm_s: _NormMemo, norm_t: _NormMemo) -> list[dict[str, Any]]:
-  """The report fields of ``anchored.calibrate_bucket(apply=False)``, from memoised ‖W‖_F:
-  ‖ΔW‖_F/‖W‖_F of source and target with the LoRA scaling applied; no base weight re-read."""
-  a_s = np.stack([np.asarray(w.factors.a_ri, np.float32) for w in items])
-  b_s = np.stack([np.asarray(w.factors.b_or, np.float32) for w in items])
-  d_s = np.asarray(kernels.batched_lowrank_fro(a_s, b_s))
-  d_t = np.asarray(kernels.batched_lowrank_fro(np.asarray(proj.a_ri, np.float32), np.asarray(proj.b_or, np.float32)))
-  out = []
-  for i, w in enumerate(items):
-    ws, wt = norm_s(module, w.source_layer, rank), norm_t(module, w.target_layer, rank)
-    out.append({"relative_update_source": (float(d_s[i]) / ws if ws else 0.0) * w.factors.scaling,
-                "relative_update_target": (float(d_t[i]) / wt if wt else 0.0) * w.factors.scaling,
-                "calibration_scale": None})
-  return out
-
-
-def transfer_adapter(source, target, adapter, config: TransferConfig = TransferConfig(), **kwargs) -> TransferResult:
-  """One adapter: see :func:`transfer`."""
-  return transfer(source, target, [adapter], config, **kwargs)[0]

@@ -23,7 +23,8 @@ from jax import lax
 
 HIGHEST = lax.Precision.HIGHEST
 SVD_METHODS = ("exact", "gram", "randomized")
-DEFAULT_SVD = "gram"  # chosen from measured accuracy and speed: BUILD_NOTES.md, "Speed (issue 3)"
+SEEDED_SVD_METHODS = ("randomized",)  # the SVD methods that draw from a PRNG key
+DEFAULT_SVD = "gram"  # chosen from measured accuracy and speed: BUILD_NOTES.md, "Speed and memory"
 DEFAULT_OVERSAMPLES = 10
 DEFAULT_POWER_ITER = 2
 _GRAM_OVERSAMPLES = 32  # eigh directions beyond the rank kept for gram's Rayleigh–Ritz step
@@ -46,7 +47,8 @@ class Projected(NamedTuple):
   norm_ratio: jax.Array  # () ‖ΔW_t‖_F / ‖ΔW_s‖_F
 
 
-def _mm(x: jax.Array, y: jax.Array) -> jax.Array:
+def mm(x: jax.Array, y: jax.Array) -> jax.Array:
+  """x @ y at full float32 precision (TPU/GPU matmuls default to bf16 passes)."""
   return jnp.matmul(x, y, precision=HIGHEST)
 
 
@@ -76,9 +78,9 @@ def _rayleigh_ritz(x: jax.Array, z: jax.Array, rank: int) -> tuple[jax.Array, ja
   working precision and S accurate to eps·‖x‖ in absolute terms, also for tiny
   singular values (where σ = sqrt(eigenvalue) and U = x v / σ are not).
   """
-  q, r = jnp.linalg.qr(_mm(x, z))
+  q, r = jnp.linalg.qr(mm(x, z))
   u_r, s, v_rt = jnp.linalg.svd(r, full_matrices=False)
-  return _mm(q, u_r[:, :rank]), s[:rank], _mm(z, v_rt[:rank].T)
+  return mm(q, u_r[:, :rank]), s[:rank], mm(z, v_rt[:rank].T)
 
 
 def _gram_svd(w: jax.Array, rank: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -95,7 +97,7 @@ def _gram_svd(w: jax.Array, rank: int) -> tuple[jax.Array, jax.Array, jax.Array]
   m, n = w.shape
   x = w if m >= n else w.T  # (big, small)
   k = min(rank + _GRAM_OVERSAMPLES, x.shape[1])
-  _, evecs = jnp.linalg.eigh(_mm(x.T, x))  # ascending
+  _, evecs = jnp.linalg.eigh(mm(x.T, x))  # ascending
   u_big, s, v_small = _rayleigh_ritz(x, evecs[:, ::-1][:, :k], rank)
   return (u_big, s, v_small) if m >= n else (v_small, s, u_big)
 
@@ -114,11 +116,11 @@ def _cholesky_qr(y: jax.Array, passes: int) -> tuple[jax.Array, jax.Array]:
   eps = jnp.finfo(y.dtype).eps
   q, r_acc = y, eye
   for i in range(passes):
-    g = _mm(q.T, q)
+    g = mm(q.T, q)
     shift = eps * (k if i == 0 else 1) * jnp.trace(g) + jnp.finfo(y.dtype).tiny
     r = jnp.linalg.cholesky(g + shift * eye).T  # upper triangular
-    q = _mm(q, jax.scipy.linalg.solve_triangular(r, eye, lower=False))
-    r_acc = _mm(r, r_acc)
+    q = mm(q, jax.scipy.linalg.solve_triangular(r, eye, lower=False))
+    r_acc = mm(r, r_acc)
   return q, r_acc
 
 
@@ -142,13 +144,13 @@ def _randomized_svd(w: jax.Array, rank: int, key: jax.Array, n_oversamples: int,
   k = min(rank + n_oversamples, small)
   z = jax.random.normal(key, (small, k), dtype=x.dtype)
   for i in range(n_power_iter):
-    y, _ = _cholesky_qr(_mm(x, z), passes=1)
-    z, _ = _cholesky_qr(_mm(x.T, y), passes=3 if i == n_power_iter - 1 else 1)
+    y, _ = _cholesky_qr(mm(x, z), passes=1)
+    z, _ = _cholesky_qr(mm(x.T, y), passes=3 if i == n_power_iter - 1 else 1)
   if n_power_iter == 0:
     z, _ = _cholesky_qr(z, passes=3)
-  q, r = _cholesky_qr(_mm(x, z), passes=3)
+  q, r = _cholesky_qr(mm(x, z), passes=3)
   u_r, s, v_rt = jnp.linalg.svd(r, full_matrices=False)
-  u_big, v_small = _mm(q, u_r[:, :rank]), _mm(z, v_rt[:rank].T)
+  u_big, v_small = mm(q, u_r[:, :rank]), mm(z, v_rt[:rank].T)
   return (u_big, s[:rank], v_small) if m >= n else (v_small, s[:rank], u_big)
 
 
@@ -174,22 +176,26 @@ def truncated_svd(w_oi: jax.Array, key: jax.Array | None = None, *, rank: int, m
     raise ValueError(f"w_oi: a 2-D (out, in) matrix expected, got shape {tuple(w.shape)}")
   if not 0 < rank <= min(w.shape):
     raise ValueError(f"rank: 1..min{tuple(w.shape)} expected, got {rank}")
-  if method == "exact":
-    u, s, v = _exact_svd(w, rank)
-  elif method == "gram":
-    u, s, v = _gram_svd(w, rank)
-  elif method == "randomized":
+  if method not in _SVD_SOLVERS:
+    raise ValueError(f"method expected one of {SVD_METHODS}, got {method!r}")
+  if method in SEEDED_SVD_METHODS:
     if key is None:
-      raise ValueError("method='randomized' needs a PRNG key")
+      raise ValueError(f"method={method!r} needs a PRNG key")
     if n_oversamples < 0 or n_power_iter < 0:
       raise ValueError(f"n_oversamples and n_power_iter: >= 0 expected, got {n_oversamples}, {n_power_iter}")
-    u, s, v = _randomized_svd(w, rank, key, n_oversamples, n_power_iter)
-  else:
-    raise ValueError(f"method expected one of {SVD_METHODS}, got {method!r}")
+  u, s, v = _SVD_SOLVERS[method](w, rank, key, n_oversamples, n_power_iter)
   u, v = canonicalize_signs(u, v)
   total = jnp.sum(jnp.square(w))
   energy = jnp.where(total > 0, jnp.sum(jnp.square(s)) / total, 1.0)
   return Subspace(u, s, v, energy)
+
+
+# method -> (w, rank, key, n_oversamples, n_power_iter) -> (u, s, v); options a method ignores are unused.
+_SVD_SOLVERS = {
+    "exact": lambda w, rank, key, n_oversamples, n_power_iter: _exact_svd(w, rank),
+    "gram": lambda w, rank, key, n_oversamples, n_power_iter: _gram_svd(w, rank),
+    "randomized": _randomized_svd,
+}
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "method", "n_oversamples", "n_power_iter"))
@@ -199,7 +205,7 @@ def batched_truncated_svd(w_loi: jax.Array, keys: jax.Array, *, rank: int, metho
   """truncated_svd vmapped over a stacked layer axis: (L, out, in) -> Subspace of (L, ...).
 
   ``keys`` holds one PRNG key per layer (L,), so a layer's result does not depend
-  on which other layers share its bucket.
+  on which other layers share its batch.
   """
   fn = functools.partial(truncated_svd, rank=rank, method=method, n_oversamples=n_oversamples,
                          n_power_iter=n_power_iter)
@@ -231,8 +237,8 @@ def largest_principal_angle(u1: jax.Array, u2: jax.Array) -> jax.Array:
   """
   u1 = u1.astype(jnp.float32)
   u2 = u2.astype(jnp.float32)
-  resid = u2 - _mm(u1, _mm(u1.T, u2))
-  top = jnp.linalg.eigvalsh(_mm(resid.T, resid))[-1]
+  resid = u2 - mm(u1, mm(u1.T, u2))
+  top = jnp.linalg.eigvalsh(mm(resid.T, resid))[-1]
   return jnp.arcsin(jnp.clip(jnp.sqrt(jnp.maximum(top, 0.0)), 0.0, 1.0))
 
 
@@ -241,8 +247,8 @@ def lowrank_relative_difference(a1_ri: jax.Array, b1_or: jax.Array, a2_ri: jax.A
   """‖B₁A₁ − B₂A₂‖_F / ‖B₁A₁‖_F without forming either product."""
   a = jnp.concatenate([a1_ri, a2_ri]).astype(jnp.float32)
   b = jnp.concatenate([b1_or, -b2_or], axis=1).astype(jnp.float32)
-  ref = _lowrank_fro(a1_ri.astype(jnp.float32), b1_or.astype(jnp.float32))
-  return jnp.where(ref > 0, _lowrank_fro(a, b) / ref, jnp.inf)
+  ref = lowrank_fro(a1_ri.astype(jnp.float32), b1_or.astype(jnp.float32))
+  return jnp.where(ref > 0, lowrank_fro(a, b) / ref, jnp.inf)
 
 
 # --- alignment --------------------------------------------------------------------
@@ -271,18 +277,19 @@ def align_coefficients(u_s: jax.Array, x: jax.Array, *, solver: str = "closed") 
     c, *_ = jnp.linalg.lstsq(u_s, x)
     return c
   if solver == "closed":
-    return _mm(u_s.T, x)
+    return mm(u_s.T, x)
   raise ValueError(f"solver expected 'closed' or 'lstsq', got {solver!r}")
 
 
-def _lowrank_fro(a_ri: jax.Array, b_or: jax.Array) -> jax.Array:
+def lowrank_fro(a_ri: jax.Array, b_or: jax.Array) -> jax.Array:
   """‖B A‖_F without forming B A: sqrt(tr((BᵀB)(AAᵀ)))."""
-  return jnp.sqrt(jnp.maximum(jnp.sum(_mm(b_or.T, b_or) * _mm(a_ri, a_ri.T)), 0.0))
+  return jnp.sqrt(jnp.maximum(jnp.sum(mm(b_or.T, b_or) * mm(a_ri, a_ri.T)), 0.0))
 
 
-def _ratio(a_t, b_t, a_s, b_s) -> jax.Array:
-  src = _lowrank_fro(a_s, b_s)
-  return jnp.where(src > 0, _lowrank_fro(a_t, b_t) / src, 0.0)
+def norm_ratio(a_t, b_t, a_s, b_s) -> jax.Array:
+  """‖B_t A_t‖_F / ‖B_s A_s‖_F, 0 for a zero source update."""
+  src = lowrank_fro(a_s, b_s)
+  return jnp.where(src > 0, lowrank_fro(a_t, b_t) / src, 0.0)
 
 
 def project_cross_lora(sub_s: Subspace, sub_t: Subspace, a_ri: jax.Array, b_or: jax.Array, *,
@@ -293,18 +300,18 @@ def project_cross_lora(sub_s: Subspace, sub_t: Subspace, a_ri: jax.Array, b_or: 
   """
   a = a_ri.astype(jnp.float32)
   b = b_or.astype(jnp.float32)
-  b_t = _mm(sub_t.u, align_coefficients(sub_s.u, b, solver=solver))  # (m_t, k)
-  a_t = _mm(align_coefficients(sub_s.v, a.T, solver=solver).T, sub_t.v.T)  # (k, n_t)
-  return Projected(a_t, b_t, _ratio(a_t, b_t, a, b))
+  b_t = mm(sub_t.u, align_coefficients(sub_s.u, b, solver=solver))  # (m_t, k)
+  a_t = mm(align_coefficients(sub_s.v, a.T, solver=solver).T, sub_t.v.T)  # (k, n_t)
+  return Projected(a_t, b_t, norm_ratio(a_t, b_t, a, b))
 
 
 def project_lora_x(sub_t: Subspace, a_ri: jax.Array, b_or: jax.Array) -> Projected:
   """LoRA-X (equal shapes): ΔW_t = U_t U_tᵀ ΔW_s V_t V_tᵀ."""
   a = a_ri.astype(jnp.float32)
   b = b_or.astype(jnp.float32)
-  b_t = _mm(sub_t.u, _mm(sub_t.u.T, b))
-  a_t = _mm(_mm(a, sub_t.v), sub_t.v.T)
-  return Projected(a_t, b_t, _ratio(a_t, b_t, a, b))
+  b_t = mm(sub_t.u, mm(sub_t.u.T, b))
+  a_t = mm(mm(a, sub_t.v), sub_t.v.T)
+  return Projected(a_t, b_t, norm_ratio(a_t, b_t, a, b))
 
 
 def truncate_pad(a_ri: jax.Array, b_or: jax.Array, *, out_t: int, in_t: int) -> Projected:
@@ -313,7 +320,7 @@ def truncate_pad(a_ri: jax.Array, b_or: jax.Array, *, out_t: int, in_t: int) -> 
   b = b_or.astype(jnp.float32)
   a_t = jnp.zeros((a.shape[0], in_t), jnp.float32).at[:, : min(in_t, a.shape[1])].set(a[:, :in_t])
   b_t = jnp.zeros((out_t, b.shape[1]), jnp.float32).at[: min(out_t, b.shape[0])].set(b[:out_t])
-  return Projected(a_t, b_t, _ratio(a_t, b_t, a, b))
+  return Projected(a_t, b_t, norm_ratio(a_t, b_t, a, b))
 
 
 def _inv_sqrt_psd(g: jax.Array) -> jax.Array:
@@ -321,7 +328,7 @@ def _inv_sqrt_psd(g: jax.Array) -> jax.Array:
   evals, evecs = jnp.linalg.eigh(g)
   keep = evals > jnp.max(evals) * 1e-6
   inv = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, evals, 1.0)), 0.0)
-  return _mm(evecs * inv, evecs.T)
+  return mm(evecs * inv, evecs.T)
 
 
 def subspace_overlap(u_s: jax.Array, u_t: jax.Array) -> jax.Array:
@@ -337,25 +344,16 @@ def subspace_overlap(u_s: jax.Array, u_t: jax.Array) -> jax.Array:
   r = u_s.shape[1]
   m_s = u_s[:d].astype(jnp.float32)
   m_t = u_t[:d].astype(jnp.float32)
-  core = _mm(_mm(_inv_sqrt_psd(_mm(m_s.T, m_s)), _mm(m_s.T, m_t)), _inv_sqrt_psd(_mm(m_t.T, m_t)))
+  core = mm(mm(_inv_sqrt_psd(mm(m_s.T, m_s)), mm(m_s.T, m_t)), _inv_sqrt_psd(mm(m_t.T, m_t)))
   ov = jnp.sum(jnp.square(core)) / r
   chance = r / d
   return jnp.where(chance < 1, (ov - chance) / (1 - chance), 1.0)
 
 
 @functools.partial(jax.jit, static_argnames=("solver",))
-def batched_project_cross_lora(sub_s: Subspace, sub_t: Subspace, a_lri: jax.Array, b_lor: jax.Array,
-                               *, solver: str = "closed") -> Projected:
-  fn = functools.partial(project_cross_lora, solver=solver)
-  if solver == "lstsq":  # LAPACK inside
-    return map_layers(fn, sub_s, sub_t, a_lri, b_lor)
-  return jax.vmap(fn)(sub_s, sub_t, a_lri, b_lor)
-
-
-@functools.partial(jax.jit, static_argnames=("solver",))
 def project_cross_lora_adapters(sub_s: Subspace, sub_t: Subspace, a_nlri: jax.Array, b_nlor: jax.Array, *,
                                 solver: str = "closed") -> Projected:
-  """Many adapters of one LoRA rank through one bucket's subspaces, in one call.
+  """Many adapters of one LoRA rank through one chunk's subspaces, in one call.
 
   Subspaces are stacked over layers (L, ...) and shared by the N adapters, whose
   factors are (N, L, rank, in_s) and (N, L, out_s, rank); returns (N, L, ...).
@@ -374,11 +372,6 @@ def project_lora_x_adapters(sub_t: Subspace, a_nlri: jax.Array, b_nlor: jax.Arra
   return jax.vmap(jax.vmap(project_lora_x), in_axes=(None, 0, 0))(sub_t, a_nlri, b_nlor)
 
 
-@jax.jit
-def batched_project_lora_x(sub_t: Subspace, a_lri: jax.Array, b_lor: jax.Array) -> Projected:
-  return jax.vmap(project_lora_x)(sub_t, a_lri, b_lor)
-
-
 @functools.partial(jax.jit, static_argnames=("out_t", "in_t"))
 def batched_truncate_pad(a_lri: jax.Array, b_lor: jax.Array, *, out_t: int, in_t: int) -> Projected:
   return jax.vmap(functools.partial(truncate_pad, out_t=out_t, in_t=in_t))(a_lri, b_lor)
@@ -387,7 +380,7 @@ def batched_truncate_pad(a_lri: jax.Array, b_lor: jax.Array, *, out_t: int, in_t
 @jax.jit
 def batched_lowrank_fro(a_lri: jax.Array, b_lor: jax.Array) -> jax.Array:
   """‖B A‖_F per layer of a stack, without forming B A: (L,)."""
-  return jax.vmap(_lowrank_fro)(a_lri.astype(jnp.float32), b_lor.astype(jnp.float32))
+  return jax.vmap(lowrank_fro)(a_lri.astype(jnp.float32), b_lor.astype(jnp.float32))
 
 
 @jax.jit

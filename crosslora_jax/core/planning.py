@@ -1,9 +1,9 @@
-"""Planning: which source weight feeds which target weight, grouped into buckets.
+"""Planning: which source weight feeds which target weight, grouped by module.
 
 Planning is pure Python over shapes and names, separate from execution: it turns
 a PEFT adapter into canonical per-(layer, module) factors, maps target layers to
 source layers, groups work by canonical module (every q_proj of a model has one
-shape, so a bucket stacks into one array), and records every skip with a reason.
+shape, so one module's work stacks into one array), and records every skip with a reason.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from crosslora_jax import methods
+from crosslora_jax.errors import CrossLoraError, collect_and_raise
 from crosslora_jax.formats import peft_format
 from crosslora_jax.formats.architectures import Architecture
-from crosslora_jax.errors import CrossLoraError
 
-METHODS = ("cross_lora", "lora_x", "copy", "truncate_pad", "anchored")
-SAME_SHAPE_METHODS = ("lora_x", "copy")
+METHODS = methods.NAMES  # the --method choices, in the registry's order
 LAYER_MAPS = ("auto", "identity", "depth")
 
 
@@ -61,9 +61,7 @@ def canonical_factors(adapter: peft_format.PeftAdapter, arch: Architecture,
     for part in stored.parts:
       _, rows = arch.stored_for(part)
       out[(layer, part)] = CanonicalLora(pair.a_ri, pair.b_or[rows], scaling, path)
-  problems = unknown + problems
-  if problems:
-    raise CrossLoraError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "") + ".")
+  collect_and_raise(unknown + problems)
   return out
 
 
@@ -110,7 +108,7 @@ class WorkItem:
 class Plan:
   """Everything execution needs, decided before any weight is read."""
 
-  buckets: dict[str, list[WorkItem]]  # canonical module -> items sorted by target layer
+  by_module: dict[str, list[WorkItem]]  # canonical module -> items sorted by target layer
   rank: dict[str, int]  # r_eff per module: min(r, m_s, n_s, m_t, n_t)
   layer_map: list[int | None]
   skipped: list[dict[str, Any]]
@@ -118,10 +116,9 @@ class Plan:
 
 def make_plan(factors: Mapping[tuple[int, str], CanonicalLora], source: Architecture, target: Architecture, *,
               method: str, rank: int, layer_map_kind: str) -> Plan:
-  if method not in METHODS:
-    raise CrossLoraError(f"--method: one of {', '.join(METHODS)} expected, got {method!r}.")
+  same_shape = methods.get(method).same_shape
   lmap = layer_map(layer_map_kind, source.num_layers, target.num_layers)
-  buckets: dict[str, list[WorkItem]] = {}
+  by_module: dict[str, list[WorkItem]] = {}
   skipped: list[dict[str, Any]] = []
   target_modules = set(target.modules)
   used: set[tuple[int, str]] = set()
@@ -131,7 +128,7 @@ def make_plan(factors: Mapping[tuple[int, str], CanonicalLora], source: Architec
     for module in target.modules:
       lora = factors.get((i, module))
       if lora is not None:
-        buckets.setdefault(module, []).append(WorkItem(module, j, i, lora))
+        by_module.setdefault(module, []).append(WorkItem(module, j, i, lora))
         used.add((i, module))
   for (i, module), lora in sorted(factors.items()):
     if module not in target_modules:
@@ -140,23 +137,23 @@ def make_plan(factors: Mapping[tuple[int, str], CanonicalLora], source: Architec
     elif (i, module) not in used:
       skipped.append({"source_key": lora.module_path, "module": module, "source_layer": i,
                       "reason": f"source layer {i} is not mapped to any target layer ({layer_map_kind} layer map)"})
-  if not buckets:
+  if not by_module:
     raise CrossLoraError(
         f"target model ({target.model_type}): modules {', '.join(sorted({m for _, m in factors}))} expected, "
         f"got none that the adapter's target_modules can reach. Choose a target with these modules.")
   problems = []
   ranks = {}
-  for module in buckets:
+  for module in by_module:
     s_shape, t_shape = source.shape(module), target.shape(module)
-    if method in SAME_SHAPE_METHODS and s_shape != t_shape:
+    if same_shape and s_shape != t_shape:
       problems.append(f"{module}: equal (out, in) shapes expected by --method {method}, got source {s_shape} "
                       f"and target {t_shape}")
     ranks[module] = min(rank, *s_shape, *t_shape)
   if problems:
     raise CrossLoraError("; ".join(problems) + ". Use --method cross_lora for models of different shapes.")
-  for items in buckets.values():
+  for items in by_module.values():
     items.sort(key=lambda w: w.target_layer)
-  return Plan(buckets, ranks, lmap, skipped)
+  return Plan(by_module, ranks, lmap, skipped)
 
 
 def assemble(target: Architecture, results: Mapping[tuple[int, str], tuple[np.ndarray, np.ndarray, float]],

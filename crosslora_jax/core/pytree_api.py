@@ -1,7 +1,7 @@
 """Transfer without files: base weights as mappings (or lazy loaders), LoRA as a pytree.
 
-:func:`transfer` is a thin layer over :func:`crosslora_jax.core.engine.transfer`, the
-function the CLI calls, so both give the same adapter on the same inputs. It
+:func:`transfer` is a thin layer over :func:`crosslora_jax.core.engine.transfer_adapters`,
+the function the CLI calls, so both give the same adapter on the same inputs. It
 takes the LoRA as a PeftAdapter or a :class:`~crosslora_jax.formats.flax_bridge.LoraTree`
 (nnx / qwix / peft layout) and gives it back in the same form, for the target.
 
@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crosslora_jax.core import engine, kernels, planning
+from crosslora_jax import methods
+from crosslora_jax.core import engine, kernels
 from crosslora_jax.formats import flax_bridge, peft_format
 from crosslora_jax.formats.checkpoint import BaseWeights, DictWeights
 from crosslora_jax.errors import CrossLoraError
@@ -30,7 +31,9 @@ from crosslora_jax.core.report import Report
 
 BaseLike = Union[str, os.PathLike, BaseWeights, Mapping[str, Any]]
 LoraLike = Union[peft_format.PeftAdapter, flax_bridge.LoraTree, str, os.PathLike]
-FACTOR_METHODS = ("cross_lora", "lora_x", "copy", "truncate_pad")  # per-module maths of the two weights alone
+# Methods whose per-module maths needs the two weights alone (registry order).
+FACTOR_METHODS = tuple(name for name, m in methods.REGISTRY.items() if m.project_module is not None)
+_DEFAULTS = engine.TransferConfig()  # option defaults are the config's (svd excepted: see transfer_factors)
 # The options of transfer_factors / transfer_flax_factors that fix shapes or code paths: static under jit.
 STATIC_ARGNAMES = ("rank", "method", "svd", "solver", "n_oversamples", "n_power_iter")
 
@@ -122,7 +125,7 @@ def transfer_many(source: BaseLike, target: BaseLike, loras: Sequence[LoraLike],
     else:
       raise CrossLoraError(f"lora: a PeftAdapter, LoraTree or PEFT folder expected, got {type(lora).__name__}. "
                            "Wrap a bare params tree with its meta: flax_bridge.LoraTree(params, meta).")
-  results = engine.transfer(src, tgt, adapters, config, progress=progress)
+  results = engine.transfer_adapters(src, tgt, adapters, config, progress=progress)
   out_map = target_key_map if target_key_map is not None else key_map
   outputs = []
   for lora, result in zip(loras, results):
@@ -168,9 +171,9 @@ def transfer(source: BaseLike, target: BaseLike, lora: LoraLike, *,
 
 
 def transfer_factors(w_s_oi: jax.Array, w_t_oi: jax.Array, a_ri: jax.Array, b_or: jax.Array,
-                     key: jax.Array | None = None, *, rank: int = 320, method: str = "cross_lora",
-                     svd: str = "exact", solver: str = "closed", n_oversamples: int = kernels.DEFAULT_OVERSAMPLES,
-                     n_power_iter: int = kernels.DEFAULT_POWER_ITER) -> kernels.Projected:
+                     key: jax.Array | None = None, *, rank: int = _DEFAULTS.rank, method: str = _DEFAULTS.method,
+                     svd: str = "exact", solver: str = _DEFAULTS.solver, n_oversamples: int = _DEFAULTS.n_oversamples,
+                     n_power_iter: int = _DEFAULTS.n_power_iter) -> kernels.Projected:
   """One module's transfer in torch orientation; pure, jit with the keyword options static.
 
   ``w_s_oi`` (out_s, in_s) and ``w_t_oi`` (out_t, in_t) are the base weights,
@@ -197,32 +200,25 @@ def transfer_factors(w_s_oi: jax.Array, w_t_oi: jax.Array, a_ri: jax.Array, b_or
   if a_ri.shape[1] != in_s or b_or.shape != (out_s, a_ri.shape[0]):
     raise CrossLoraError(f"a_ri (r, {in_s}) and b_or ({out_s}, r) expected to match w_s_oi ({out_s}, {in_s}), "
                          f"got {a_ri.shape} and {b_or.shape}.")
-  if method in planning.SAME_SHAPE_METHODS and (out_s, in_s) != (out_t, in_t):
+  spec = methods.get(method)
+  if spec.same_shape and (out_s, in_s) != (out_t, in_t):
     raise CrossLoraError(f"method {method}: equal (out, in) shapes expected, got source {(out_s, in_s)} and target "
                          f"{(out_t, in_t)}. Use method='cross_lora'.")
   k = min(rank, out_s, in_s, out_t, in_t)
-  if method == "copy":
-    a = a_ri.astype(jnp.float32)
-    b = b_or.astype(jnp.float32)
-    return kernels.Projected(a, b, jnp.ones((), jnp.float32))
-  if method == "truncate_pad":
-    return kernels.truncate_pad(a_ri, b_or, out_t=out_t, in_t=in_t)
   key_s = key_t = None
   if key is not None:
     key_s, key_t = jax.random.split(key)
   svd_options = dict(rank=k, method=svd, n_oversamples=n_oversamples, n_power_iter=n_power_iter)
-  sub_t = kernels.truncated_svd(w_t_oi, key_t, **svd_options)
-  if method == "lora_x":
-    return kernels.project_lora_x(sub_t, a_ri, b_or)
-  sub_s = kernels.truncated_svd(w_s_oi, key_s, **svd_options)
-  return kernels.project_cross_lora(sub_s, sub_t, a_ri, b_or, solver=solver)
+  sub_t = kernels.truncated_svd(w_t_oi, key_t, **svd_options) if spec.needs_target_subspaces else None
+  sub_s = kernels.truncated_svd(w_s_oi, key_s, **svd_options) if spec.needs_source_subspaces else None
+  return spec.project_module(sub_s, sub_t, a_ri, b_or, out_t=out_t, in_t=in_t, solver=solver)
 
 
 def transfer_flax_factors(kernel_s_io: jax.Array, kernel_t_io: jax.Array, lora_a_ir: jax.Array,
-                          lora_b_ro: jax.Array, key: jax.Array | None = None, *, rank: int = 320,
-                          method: str = "cross_lora", svd: str = "exact", solver: str = "closed",
-                          n_oversamples: int = kernels.DEFAULT_OVERSAMPLES,
-                          n_power_iter: int = kernels.DEFAULT_POWER_ITER) -> tuple[jax.Array, jax.Array]:
+                          lora_b_ro: jax.Array, key: jax.Array | None = None, *, rank: int = _DEFAULTS.rank,
+                          method: str = _DEFAULTS.method, svd: str = "exact", solver: str = _DEFAULTS.solver,
+                          n_oversamples: int = _DEFAULTS.n_oversamples,
+                          n_power_iter: int = _DEFAULTS.n_power_iter) -> tuple[jax.Array, jax.Array]:
   """:func:`transfer_factors` in Flax orientation: kernels (in, out), lora_a (in, r), lora_b (r, out).
 
   Returns the target's ``(lora_a (in_t, r), lora_b (r, out_t))`` in float32. An

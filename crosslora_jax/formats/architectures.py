@@ -91,8 +91,13 @@ _LLAMA_STORED = (
 
 SPECS: tuple[ArchSpec, ...] = (
     ArchSpec("llama", ("llama", "mistral", "qwen2"), ("model.layers.{layer}.",), _LLAMA_STORED),
+    # Gemma 1 keeps llama's two norms per layer; Gemma 2 and 3 add post-norms and read the FFN
+    # input from pre_feedforward_layernorm (their post_attention_layernorm normalises attn's output).
     ArchSpec(
-        "gemma", ("gemma", "gemma2", "gemma3_text"), ("model.layers.{layer}.",), _LLAMA_STORED,
+        "gemma", ("gemma",), ("model.layers.{layer}.",), _LLAMA_STORED, norm_offset=1.0,
+        embed_scale_sqrt_hidden=True),
+    ArchSpec(
+        "gemma2", ("gemma2", "gemma3_text"), ("model.layers.{layer}.",), _LLAMA_STORED,
         ffn_norm="pre_feedforward_layernorm", norm_offset=1.0, embed_scale_sqrt_hidden=True),
     ArchSpec(
         "gemma3", ("gemma3",),
@@ -260,7 +265,3 @@ def to_out_in(weight: Any, *, conv1d: bool) -> Any:
   """Stored base weight -> torch (out, in) orientation (Conv1D stores (in, out))."""
   return weight.T if conv1d else weight
 
-
-def from_out_in(weight: Any, *, conv1d: bool) -> Any:
-  """Torch (out, in) -> the stored orientation."""
-  return weight.T if conv1d else weight

@@ -1,6 +1,6 @@
 """PEFT LoRA adapters ⇄ Flax LoRA trees (flax.nnx and qwix layouts).
 
-Orientation (DESIGN §2). PEFT holds ``lora_A`` as ``a_ri`` (rank, in) and
+Orientation (docs/design.md, "Conventions"). PEFT holds ``lora_A`` as ``a_ri`` (rank, in) and
 ``lora_B`` as ``b_or`` (out, rank), ΔW = scaling · B A applied as ``x @ ΔWᵀ``.
 Flax holds ``lora_a`` (in, rank) and ``lora_b`` (rank, out) applied as
 ``x @ lora_a @ lora_b``; a Flax kernel is (in, out). Only
@@ -34,7 +34,7 @@ bytes; after training, lora_b / scaling is the new B.
 The key mapping from HF module paths (``model.layers.3.self_attn.q_proj``) to
 paths in the user's tree is a parameter (:class:`KeyMap`, :func:`key_template`,
 a function, or None for the identity split on dots with digits as ints, which is
-how ``nnx.state`` names list items).
+how ``nnx.state`` names list items; :mod:`crosslora_jax.formats.flax_keys`).
 """
 
 from __future__ import annotations
@@ -44,16 +44,17 @@ import dataclasses
 import hashlib
 import re
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import ml_dtypes  # noqa: F401  (bfloat16 for numpy)
 import numpy as np
 
-from crosslora_jax.formats import peft_format
 from crosslora_jax.errors import CrossLoraError, collect_and_raise
+from crosslora_jax.formats import peft_format
+from crosslora_jax.formats.flax_keys import (  # noqa: F401  (IDENTITY, KeyMap, key_template, path_str, pure_tree: re-exported)
+    IDENTITY, KeyMap, KeyMapLike, TreePath, _get, _set, _tree_path, _walk, as_key_map, key_template, path_str, pure_tree)
 
-TreePath = tuple[Union[str, int], ...]
 LAYOUTS = ("nnx", "qwix", "peft")
 META_FORMAT = "crosslora_jax/lora_tree"
 META_VERSION = 1
@@ -80,169 +81,6 @@ def to_torch_orientation(x_flax: Any) -> Any:
   if np.ndim(x_flax) != 2:
     raise CrossLoraError(f"a 2-D linear tensor expected, got shape {np.shape(x_flax)}.")
   return x_flax.T
-
-
-# --- key mapping -----------------------------------------------------------------------
-
-
-def _split_hf(path: str) -> TreePath:
-  return tuple(int(p) if p.isdigit() else p for p in path.split("."))
-
-
-def _join_hf(tree_path: TreePath) -> str:
-  return ".".join(str(p) for p in tree_path)
-
-
-def path_str(tree_path: Sequence[Any]) -> str:
-  """A tree path as qwix and error messages write it: ``layers/3/attn/q_proj``."""
-  return "/".join(str(p) for p in tree_path)
-
-
-@dataclasses.dataclass(frozen=True)
-class KeyMap:
-  """HF module path ⇄ path of that module in the user's tree.
-
-  ``to_tree`` maps ``model.layers.3.self_attn.q_proj`` to a tuple of dict keys
-  (str, or int for list items). ``to_hf`` is its inverse (None: unknown, used to
-  find modules in a tree without meta; with meta the HF paths are listed there).
-  """
-
-  to_tree: Callable[[str], TreePath]
-  to_hf: Callable[[TreePath], str | None] | None = None
-
-
-IDENTITY = KeyMap(_split_hf, _join_hf)
-
-_FIELD_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def _template_re(template: str, sep: str) -> tuple[re.Pattern[str], tuple[str, ...]]:
-  fields: list[str] = []
-  out, pos = [], 0
-  for m in _FIELD_RE.finditer(template):
-    out.append(re.escape(template[pos:m.start()]))
-    name = m.group(1)
-    if name in fields:
-      out.append(f"(?P={name})")
-    else:
-      fields.append(name)
-      out.append(f"(?P<{name}>[^{re.escape(sep)}]+)")
-    pos = m.end()
-  out.append(re.escape(template[pos:]))
-  return re.compile("".join(out)), tuple(fields)
-
-
-def key_template(*rules: tuple[str, str]) -> KeyMap:
-  """A KeyMap from (HF pattern, tree pattern) pairs; the first matching pair wins.
-
-  HF patterns are dotted, tree patterns ``/``-separated; ``{field}`` matches one
-  path component and both sides of a pair must use the same fields. A tree
-  component that comes out all digits becomes an int (nnx list index).
-
-  >>> km = key_template(("model.layers.{layer}.self_attn.{name}", "blocks/{layer}/attn/{name}"),
-  ...                   ("model.layers.{layer}.mlp.{name}", "blocks/{layer}/ffn/{name}"))
-  >>> km.to_tree("model.layers.3.self_attn.q_proj")
-  ('blocks', 3, 'attn', 'q_proj')
-  >>> km.to_hf(("blocks", 1, "ffn", "up_proj"))
-  'model.layers.1.mlp.up_proj'
-  """
-  if not rules:
-    raise CrossLoraError("key_template: at least one (hf pattern, tree pattern) pair expected, got none.")
-  compiled = []
-  for rule in rules:
-    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and all(isinstance(s, str) for s in rule)):
-      raise CrossLoraError(f"key_template: (hf pattern, tree pattern) string pairs expected, got {rule!r}.")
-    hf, tree = rule
-    hf_re, hf_fields = _template_re(hf, ".")
-    tree_re, tree_fields = _template_re(tree, "/")
-    if set(hf_fields) != set(tree_fields):
-      raise CrossLoraError(f"key_template: the same {{fields}} on both sides expected, got {sorted(hf_fields)} in "
-                           f"{hf!r} and {sorted(tree_fields)} in {tree!r}. Every field must be recoverable both ways.")
-    compiled.append((hf, tree, hf_re, tree_re))
-
-  def to_tree(path: str) -> TreePath:
-    for _, tree, hf_re, _ in compiled:
-      m = hf_re.fullmatch(path)
-      if m:
-        return tuple(int(p) if p.isdigit() else p for p in tree.format(**m.groupdict()).split("/"))
-    raise CrossLoraError(f"key_template: {path}: a module path matching one of "
-                         f"{[r[0] for r in compiled]} expected, got none. Add a rule for it.")
-
-  def to_hf(tree_path: TreePath) -> str | None:
-    s = path_str(tree_path)
-    for hf, _, _, tree_re in compiled:
-      m = tree_re.fullmatch(s)
-      if m:
-        return hf.format(**m.groupdict())
-    return None
-
-  return KeyMap(to_tree, to_hf)
-
-
-KeyMapLike = Union[KeyMap, Callable[[str], Sequence[Any]], tuple, list, None]
-
-
-def as_key_map(key_map: KeyMapLike) -> KeyMap:
-  """None → identity; a KeyMap; a function HF path → tree path; or key_template rule(s)."""
-  if key_map is None:
-    return IDENTITY
-  if isinstance(key_map, KeyMap):
-    return key_map
-  if isinstance(key_map, tuple) and len(key_map) == 2 and all(isinstance(s, str) for s in key_map):
-    return key_template(key_map)
-  if isinstance(key_map, (tuple, list)):
-    return key_template(*key_map)
-  if callable(key_map):
-    return KeyMap(key_map)
-  raise CrossLoraError(f"key_map: a KeyMap, a function, key_template pairs or None expected, got {key_map!r}.")
-
-
-def _tree_path(key_map: KeyMap, hf_path: str) -> TreePath:
-  path = key_map.to_tree(hf_path)
-  if isinstance(path, str) or not isinstance(path, Sequence) or not path or not all(
-      isinstance(p, (str, int)) and not isinstance(p, bool) for p in path):
-    raise CrossLoraError(f"key_map: {hf_path}: a non-empty tuple of str/int keys expected, got {path!r}.")
-  return tuple(path)
-
-
-# --- nested dict helpers -------------------------------------------------------------
-
-
-def pure_tree(tree: Any) -> Any:
-  """nnx.Module → its LoRAParam state; nnx.State → pure dict; anything else as is."""
-  from flax import nnx
-  if isinstance(tree, nnx.Module):
-    tree = nnx.state(tree, nnx.LoRAParam)
-  if isinstance(tree, nnx.State):
-    tree = tree.to_pure_dict()
-  return tree
-
-
-def _get(tree: Any, path: Sequence[Any]) -> Any:
-  for key in path:
-    if not isinstance(tree, Mapping) or key not in tree:
-      return None
-    tree = tree[key]
-  return tree
-
-
-def _set(tree: dict, path: Sequence[Any], value: Any) -> None:
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-    if not isinstance(tree, dict):
-      raise CrossLoraError(f"{path_str(path)}: a dict at {key!r} expected, got a leaf. Two modules map to "
-                           "nested paths; fix the key_map.")
-  if path[-1] in tree:
-    raise CrossLoraError(f"{path_str(path)}: one module per tree path expected, got two. Fix the key_map.")
-  tree[path[-1]] = value
-
-
-def _walk(tree: Any, prefix: TreePath = ()) -> Iterator[tuple[TreePath, Mapping]]:
-  """Every dict node of a nested dict, depth first, with its path."""
-  if isinstance(tree, Mapping):
-    yield prefix, tree
-    for key, value in tree.items():
-      yield from _walk(value, prefix + (key,))
 
 
 # --- the scaling fold ------------------------------------------------------------------
@@ -302,9 +140,6 @@ class LoraTree:
   @property
   def module_paths(self) -> list[str]:
     return list(self.meta["modules"])
-
-  def leaf_names(self) -> tuple[str, str]:
-    return _leaf_names(self.meta)
 
 
 def _leaf_names(meta: Mapping[str, Any]) -> tuple[str, str]:
@@ -482,38 +317,14 @@ def from_tree(tree: LoraTree | Any, meta: Mapping[str, Any] | None = None, *, la
       raise CrossLoraError(f"layout: one of {', '.join(LAYOUTS)} expected without meta, got {layout!r}.")
     meta = {"layout": layout, "lora_path": list(lora_path), "weight": weight, "modules": {}}
     paths = _find_modules(params, meta, as_key_map(key_map))
-  name_a, name_b = _leaf_names(meta)
-  prefix = _leaf_prefix(meta)
   modules: dict[str, peft_format.LoraPair] = {}
   problems = []
   for hf, module_path in paths.items():
-    node = _get(params, module_path + prefix)
-    where = path_str(module_path + prefix)
-    if not isinstance(node, Mapping) or name_a not in node or name_b not in node:
-      problems.append(f"{where}: {name_a} and {name_b} expected (module {hf}), got "
-                      f"{sorted(map(str, node)) if isinstance(node, Mapping) else 'nothing'}")
-      continue
-    x_a, x_b = np.asarray(node[name_a]), np.asarray(node[name_b])
-    torch_layout = meta["layout"] == "peft"
-    rank_axes = (0, 1) if torch_layout else (1, 0)  # the r axis of the A and B arrays
-    if x_a.ndim != 2 or x_b.ndim != 2 or x_a.shape[rank_axes[0]] != x_b.shape[rank_axes[1]]:
-      want = "lora_A (r, in) and lora_B (out, r)" if torch_layout else f"{name_a} (in, r) and {name_b} (r, out)"
-      problems.append(f"{where}: {want} with equal r expected, got {x_a.shape} and {x_b.shape}")
-      continue
-    rank = x_a.shape[rank_axes[0]]
-    entry = meta["modules"].get(hf)
-    if entry is not None and entry["rank"] != rank:
-      problems.append(f"{where}: rank {entry['rank']} expected (from meta), got {rank}")
-      continue
-    if torch_layout:
-      a_ri, b_or = x_a, x_b
+    read = _read_module(params, meta, hf, module_path)
+    if isinstance(read, str):
+      problems.append(read)
     else:
-      b_ro = x_b
-      if meta["layout"] == "nnx" and entry is not None:
-        fix = entry.get("lora_b_fix") if entry.get("lora_b_sha256") == _digest(x_b) else None
-        b_ro = unfold_scaling(x_b, entry["scaling"], fix)
-      a_ri, b_or = to_torch_orientation(x_a), to_torch_orientation(b_ro)
-    modules[hf] = peft_format.LoraPair(np.array(a_ri, order="C"), np.array(b_or, order="C"))  # owned, writable
+      modules[hf] = read
   collect_and_raise(problems)
   if "peft_config" in meta:
     return peft_format.PeftAdapter(dict(meta["peft_config"]), modules)
@@ -526,6 +337,37 @@ def from_tree(tree: LoraTree | Any, meta: Mapping[str, Any] | None = None, *, la
                                     base_model=base_model or "", ranks=ranks, alphas=alphas, all_paths_by_name={},
                                     fan_in_fan_out=fan_in_fan_out)
   return peft_format.PeftAdapter(config, modules)
+
+
+def _read_module(params: Mapping, meta: Mapping[str, Any], hf: str,
+                 module_path: TreePath) -> peft_format.LoraPair | str:
+  """One module's factors in torch orientation (nnx fold undone), or the problem as one line."""
+  name_a, name_b = _leaf_names(meta)
+  prefix = _leaf_prefix(meta)
+  node = _get(params, module_path + prefix)
+  where = path_str(module_path + prefix)
+  if not isinstance(node, Mapping) or name_a not in node or name_b not in node:
+    return (f"{where}: {name_a} and {name_b} expected (module {hf}), got "
+            f"{sorted(map(str, node)) if isinstance(node, Mapping) else 'nothing'}")
+  x_a, x_b = np.asarray(node[name_a]), np.asarray(node[name_b])
+  torch_layout = meta["layout"] == "peft"
+  rank_axes = (0, 1) if torch_layout else (1, 0)  # the r axis of the A and B arrays
+  if x_a.ndim != 2 or x_b.ndim != 2 or x_a.shape[rank_axes[0]] != x_b.shape[rank_axes[1]]:
+    want = "lora_A (r, in) and lora_B (out, r)" if torch_layout else f"{name_a} (in, r) and {name_b} (r, out)"
+    return f"{where}: {want} with equal r expected, got {x_a.shape} and {x_b.shape}"
+  rank = x_a.shape[rank_axes[0]]
+  entry = meta["modules"].get(hf)
+  if entry is not None and entry["rank"] != rank:
+    return f"{where}: rank {entry['rank']} expected (from meta), got {rank}"
+  if torch_layout:
+    a_ri, b_or = x_a, x_b
+  else:
+    b_ro = x_b
+    if meta["layout"] == "nnx" and entry is not None:
+      fix = entry.get("lora_b_fix") if entry.get("lora_b_sha256") == _digest(x_b) else None
+      b_ro = unfold_scaling(x_b, entry["scaling"], fix)
+    a_ri, b_or = to_torch_orientation(x_a), to_torch_orientation(b_ro)
+  return peft_format.LoraPair(np.array(a_ri, order="C"), np.array(b_or, order="C"))  # owned, writable
 
 
 def _alpha_for(alpha: float | Mapping[str, float] | Callable[[str], float] | None, hf: str) -> float:

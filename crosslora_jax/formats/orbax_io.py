@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from crosslora_jax.formats import flax_bridge, adapter_io, peft_format
-from crosslora_jax.errors import CrossLoraError
+from crosslora_jax.errors import CrossLoraError, collect_and_raise
 
 PARAMS, META = "params", "meta"
 _KIND_ADAPTER, _KIND_TREE = "PeftAdapter", "LoraTree"
@@ -100,11 +100,9 @@ def _check_like(saved: Any, like: Any, where: str) -> Any:
     if tuple(np.shape(s)) != tuple(np.shape(g)) or np.dtype(s.dtype) != np.dtype(g.dtype):
       problems.append(f"{p}: {tuple(np.shape(s))} {np.dtype(s.dtype)} saved, {tuple(np.shape(g))} "
                       f"{np.dtype(g.dtype)} in like")
-  if problems:
-    more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
-    raise CrossLoraError(f"{where}: a restore target with the saved tree structure, shapes and dtypes expected, got "
-                         f"differences: {'; '.join(problems[:8])}{more}. Restore without like= to get the saved tree, "
-                         "then convert it with crosslora_jax.formats.flax_bridge.")
+  collect_and_raise(problems, header=(
+      f"{where}: a restore target with the saved tree structure, shapes and dtypes expected (restore without like= "
+      "to get the saved tree, then convert it with crosslora_jax.formats.flax_bridge), got differences"))
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
 
 

@@ -13,6 +13,8 @@ from crosslora_jax.lm.config import LMConfig
 from crosslora_jax.lm.lm import LM, load
 from crosslora_jax.lm.lora import LoraParams, LoraSpec, init_lora, lora_from_peft, lora_to_peft
 from crosslora_jax.lm.model import forward, init_cache, logits, token_logprobs
+from crosslora_jax.lm.params import load_params
+from crosslora_jax.lm.sample import generate
 
 __all__ = [
     "LM",
@@ -20,9 +22,11 @@ __all__ = [
     "LoraParams",
     "LoraSpec",
     "forward",
+    "generate",
     "init_cache",
     "init_lora",
     "load",
+    "load_params",
     "logits",
     "lora_from_peft",
     "lora_to_peft",

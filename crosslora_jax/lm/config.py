@@ -22,7 +22,7 @@ from typing import Any
 
 from crosslora_jax.errors import CrossLoraError
 from crosslora_jax.formats.architectures import Architecture
-from crosslora_jax.formats.jsonfile import read_object as read_json
+from crosslora_jax.formats.jsonfile import read_object
 from crosslora_jax.lm.rope import RopeConfig, rope_from_params
 
 FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2")
@@ -74,7 +74,7 @@ class LMConfig:
   @classmethod
   def from_folder(cls, folder: str | os.PathLike[str]) -> "LMConfig":
     path = pathlib.Path(folder) / "config.json"
-    return cls.from_config(read_json(path, "config.json"), source=str(path))
+    return cls.from_config(read_object(path, "config.json"), source=str(path))
 
   @classmethod
   def from_config(cls, config: Mapping[str, Any], *, source: str = "config.json",

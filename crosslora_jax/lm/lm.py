@@ -23,7 +23,7 @@ from crosslora_jax.formats import peft_format
 from crosslora_jax.formats.checkpoint import Checkpoint
 from crosslora_jax.lm import model
 from crosslora_jax.lm.config import LMConfig, check_ids
-from crosslora_jax.lm.lora import LoraParams, LoraSpec, lora_from_peft
+from crosslora_jax.lm.lora import LoraParams, LoraSpec, lora_from_peft, lora_to_peft
 from crosslora_jax.lm.params import load_params, param_dtype
 
 
@@ -110,6 +110,22 @@ class LM:
       adapter = peft_format.read_adapter(adapter)
     lora, spec = lora_from_peft(adapter, self.config)
     return self.with_lora(lora, spec)
+
+  def adapter(self) -> peft_format.PeftAdapter:
+    """The LoRA as a PeftAdapter for this base (write it with ``save_adapter``)."""
+    if self.lora is None:
+      raise CrossLoraError("LM.adapter: a LoRA expected (load with adapter=... or use with_lora), got none.")
+    name = str(self.config_name_or_path())
+    return lora_to_peft(self.lora, self.spec, base_model_name_or_path=name, cfg=self.config)
+
+  def save_adapter(self, folder: str | os.PathLike[str], *, overwrite: bool = False) -> pathlib.Path:
+    """Writes the LoRA as a PEFT folder, atomically and verified (``formats.adapter_io.save_adapter``)."""
+    from crosslora_jax.formats.adapter_io import save_adapter  # pylint: disable=import-outside-toplevel
+
+    return save_adapter(self.adapter(), folder, overwrite=overwrite, target=self.config.arch)
+
+  def config_name_or_path(self) -> str:
+    return str(self.folder.resolve()) if self.folder is not None else self.config.family
 
   @functools.cached_property
   def tokenizer(self) -> Any:

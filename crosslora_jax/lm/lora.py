@@ -116,11 +116,15 @@ def lora_from_peft(adapter: peft_format.PeftAdapter, cfg: LMConfig) -> tuple[Lor
 
 
 def lora_to_peft(lora: LoraParams, spec: LoraSpec, *, base_model_name_or_path: str = "",
-                 dtype: Any = np.float32) -> peft_format.PeftAdapter:
-  """Factors -> a PeftAdapter; write it with ``formats.adapter_io.save_adapter`` (atomic, verified)."""
+                 cfg: LMConfig | None = None, dtype: Any = np.float32) -> peft_format.PeftAdapter:
+  """Factors -> a PeftAdapter; write it with ``formats.adapter_io.save_adapter`` (atomic, verified).
+
+  ``cfg`` (the base's) sets fan_in_fan_out for Conv1D bases; without it ``spec.fan_in_fan_out`` does.
+  """
+  fan_in_fan_out = cfg.arch.spec.conv1d if cfg is not None else spec.fan_in_fan_out
   config = {
       "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-      "bias": "none", "lora_dropout": 0.0, "fan_in_fan_out": spec.fan_in_fan_out, "inference_mode": True,
+      "bias": "none", "lora_dropout": 0.0, "fan_in_fan_out": fan_in_fan_out, "inference_mode": True,
       "init_lora_weights": True, "use_dora": False, "modules_to_save": None, "layers_pattern": None,
       "exclude_modules": None, **spec.peft_config()}
   modules = {path: peft_format.LoraPair(np.asarray(f["a"]).astype(dtype), np.asarray(f["b"]).astype(dtype))

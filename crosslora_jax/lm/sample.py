@@ -11,7 +11,6 @@ and top-p are traced values: new tokens, and new settings, reuse the compiled st
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crosslora_jax.errors import CrossLoraError
+from crosslora_jax.formats.jsonfile import read_object
 from crosslora_jax.lm import model
 from crosslora_jax.lm.config import check_ids
 
@@ -92,10 +92,7 @@ def default_eos_ids(lm: Any) -> tuple[int, ...]:
   """The config's EOS ids plus generation_config.json's, as transformers' generate stops on both."""
   ids = list(lm.config.eos_ids)
   if lm.folder is not None and (lm.folder / "generation_config.json").is_file():
-    try:
-      eos = json.loads((lm.folder / "generation_config.json").read_text()).get("eos_token_id")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-      eos = None
+    eos = read_object(lm.folder / "generation_config.json", "generation_config.json").get("eos_token_id")
     ids += eos if isinstance(eos, list) else ([] if eos is None else [eos])
   return tuple(dict.fromkeys(int(i) for i in ids))
 

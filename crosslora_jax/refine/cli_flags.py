@@ -12,6 +12,7 @@ import re
 
 from absl import flags
 
+from crosslora_jax import outputs
 from crosslora_jax.errors import CrossLoraError
 from crosslora_jax.refine.config import CHECKS, LOSSES, RefineConfig
 from crosslora_jax.refine.prompts import read_prompts
@@ -79,8 +80,17 @@ def enabled() -> bool:
   return REFINE.value != "none"
 
 
-def default_cache_dir() -> pathlib.Path:
-  return RefineConfig().cache_root()
+def planned_inputs() -> list[outputs.Planned]:
+  """The files refine reads besides the models (outputs must stay apart from them)."""
+  return [outputs.Planned.of("--refine_prompts", PROMPTS.value)] if enabled() and PROMPTS.value else []
+
+
+def planned_caches() -> dict[str, tuple[outputs.Planned, bool]]:
+  """The corpus cache folder (when refining) and whether the user named it, for the run's path checks."""
+  if not enabled():
+    return {}
+  folder = CACHE_DIR.value or RefineConfig().cache_root()
+  return {"--refine_cache_dir": (outputs.Planned.of("--refine_cache_dir", folder), bool(CACHE_DIR.value))}
 
 
 def config_from_flags() -> RefineConfig:
