@@ -208,7 +208,11 @@ def main(argv: Sequence[str]) -> int:
     except (OSError, ValueError) as e:
       raise CrossLoraError(f"{argv[0]}: a --report JSON file expected, got {type(e).__name__}: {e}.") from None
     try:
-      save(reports, argv[1])
+      listed = reports if isinstance(reports, list) else [reports]
+      refined = all(isinstance(r, dict) and r.get("refine") for r in listed)
+      if refined:  # a --refine run's report: its loss and held-back panels too
+        from crosslora_jax.refine.batch import plot_panels
+      save(reports, argv[1], extra=plot_panels(listed) if refined else ())
     except (KeyError, TypeError, AttributeError) as e:
       raise CrossLoraError(f"{argv[0]}: a --report JSON file expected, got one without {e}.") from None
   except CrossLoraError as e:

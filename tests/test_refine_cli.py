@@ -51,6 +51,13 @@ def test_refine_distill_writes_a_peft_adapter_and_a_report_section(models, tmp_p
   assert refine["shipped"] == "refined" and refine["init"] == "projection"
   assert set(refine["seconds"]) >= {"teacher", "train", "total"}
   assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  from crosslora_jax import plot
+  plain_report = tmp_path / "plain_report.json"
+  plain_report.write_text(json.dumps({k: v for k, v in report.items() if k != "refine"}))
+  assert plot.main([str(tmp_path / "report.json"), str(tmp_path / "again.png")]) == 0
+  assert plot.main([str(plain_report), str(tmp_path / "plain.png")]) == 0
+  height = lambda png: int.from_bytes((tmp_path / png).read_bytes()[20:24], "big")  # the IHDR height
+  assert height("again.png") == height("plot.png") > height("plain.png")  # two panels more: the refine ones
   refined, projected = (peft_format.read_adapter(tmp_path / name) for name in ("out", "plain"))
   assert set(refined.modules) == set(projected.modules)
   assert any(not np.allclose(refined.modules[p].b_or, projected.modules[p].b_or) for p in projected.modules)
