@@ -15,12 +15,17 @@ from crosslora_jax.lm.lora import LoraParams, LoraSpec, init_lora, lora_from_pef
 from crosslora_jax.lm.model import forward, init_cache, logits, token_logprobs
 from crosslora_jax.lm.params import load_params
 from crosslora_jax.lm.sample import generate
+from crosslora_jax.lm.tokenizer import Tokenizer
+from crosslora_jax.lm.train import TrainConfig, TrainResult, train_lora
 
 __all__ = [
     "LM",
     "LMConfig",
     "LoraParams",
     "LoraSpec",
+    "Tokenizer",
+    "TrainConfig",
+    "TrainResult",
     "forward",
     "generate",
     "init_cache",
@@ -31,4 +36,5 @@ __all__ = [
     "lora_from_peft",
     "lora_to_peft",
     "token_logprobs",
+    "train_lora",
 ]
