@@ -24,18 +24,8 @@ def check_config(config: dict[str, Any], where: pathlib.Path) -> None:
   if config.get("use_dora"):
     problems.append(f"{where}: use_dora expected false, got true. DoRA magnitude vectors cannot be transferred; "
                     "retrain as plain LoRA")
-  target = config.get("target_modules")
-  if target is not None and not isinstance(target, str) and not (
-      isinstance(target, list) and all(isinstance(t, str) for t in target)):
-    problems.append(f"{where}: target_modules expected a list of module names or a regex string, got {target!r}")
-  elif isinstance(target, str):
-    problems += _regex_problems(where, "target_modules", [target])
-  exclude = config.get("exclude_modules")
-  if exclude is not None and not isinstance(exclude, str) and not (
-      isinstance(exclude, list) and all(isinstance(t, str) for t in exclude)):
-    problems.append(f"{where}: exclude_modules expected a list of module names or a regex string, got {exclude!r}")
-  elif isinstance(exclude, str):
-    problems += _regex_problems(where, "exclude_modules", [exclude])
+  for field in ("target_modules", "exclude_modules"):
+    problems += _module_selector_problems(where, field, config.get(field))
   layers = config.get("layers_to_transform")
   if layers is not None and not isinstance(layers, int) and not (
       isinstance(layers, list) and all(isinstance(i, int) for i in layers)):
@@ -51,6 +41,15 @@ def check_config(config: dict[str, Any], where: pathlib.Path) -> None:
       problems += _regex_problems(where, field, list(patterns))
   if problems:
     raise CrossLoraError("; ".join(problems) + ".")
+
+
+def _module_selector_problems(where: pathlib.Path, field: str, value: Any) -> list[str]:
+  """``target_modules`` / ``exclude_modules``: absent, a list of module names, or one regex string."""
+  if value is None or (isinstance(value, list) and all(isinstance(t, str) for t in value)):
+    return []
+  if isinstance(value, str):
+    return _regex_problems(where, field, [value])
+  return [f"{where}: {field} expected a list of module names or a regex string, got {value!r}"]
 
 
 def _regex_problems(where: pathlib.Path, field: str, patterns: list[str]) -> list[str]:
