@@ -40,6 +40,7 @@ projection when no step beats it. The report gains a "refine" section, --plot it
 
 --orbax_output also writes each transferred adapter as an Orbax checkpoint of a flax.nnx
 LoRA tree (crosslora_jax.formats.orbax_io; see docs/flax.md), under the same guarantees.
+--coordinator_address/--num_processes/--process_id: one run on several hosts (core/distributed.py).
 """
 
 from __future__ import annotations
@@ -67,13 +68,11 @@ from typing import Any  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
 
-from crosslora_jax import outputs  # noqa: E402
-from crosslora_jax.core import cache, engine, kernels, planning  # noqa: E402
+from crosslora_jax.core import cache, distributed, engine, kernels, planning  # noqa: E402
 from crosslora_jax.errors import CrossLoraError, one_line  # noqa: E402
-from crosslora_jax.formats import adapter_io  # noqa: E402
+from crosslora_jax.formats import adapter_io, model_card  # noqa: E402
 from crosslora_jax.progress import ProgressBar  # noqa: E402
-from crosslora_jax import hub, plot  # noqa: E402
-from crosslora_jax.formats import model_card  # noqa: E402
+from crosslora_jax import distributed_flags, hub, outputs, plot  # noqa: E402
 from crosslora_jax.refine import batch as refine_batch, cli_flags as refine_flags  # noqa: E402
 
 _DEFAULTS = engine.TransferConfig()  # every option's default is defined once, by the config dataclasses
@@ -135,7 +134,8 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "Progress bars on stderr (tqdm):
                               "--progress shows them anyway (logs), --noprogress never.")
 _PLOT = flags.DEFINE_string("plot", None, "Draw the per-layer diagnostics (energy captured, overlap, relative update, "
                             "skipped layers) into this .png file (needs matplotlib: pip install 'crosslora_jax[plot]').")
-flags.adopt_module_key_flags(refine_flags)  # the --refine* flags show in --help
+for _module in (refine_flags, distributed_flags):  # their flags (--refine*, --num_processes, ...) show in --help
+  flags.adopt_module_key_flags(_module)
 # Quiet by default (JAX logs backend probing at INFO); --verbosity=1 shows logs and tracebacks.
 flags.FLAGS.set_default("verbosity", logging.WARNING)
 
@@ -156,6 +156,7 @@ def run() -> list[engine.TransferResult]:
 
   Raises CrossLoraError on bad input, before any work where it can be known then.
   """
+  distributed_flags.initialize()
   adapters, names = _adapters_from_flags()
   refine_config = refine_flags.config_from_flags() if refine_flags.enabled() else None
   plan = _plan_paths(adapters)
@@ -177,16 +178,14 @@ def run() -> list[engine.TransferResult]:
                                           skip_unsupported=config.skip_unsupported, progress=progress is not None)
   extra = refine_batch.plot_panels([r.report for r in results]) if refine_config is not None else ()
   picture = plot.render_png([r.report for r in results], extra=extra) if _PLOT.value else None  # before any writes
-  _commit(plan, names, results, config, cards=[_model_card(r, a) for r, a in zip(results, adapters)])
-  if picture is not None:
-    plot.write_png(_PLOT.value, picture)
-  for result in results:
-    print(result.report.text())
-  print(f"wrote {one_line(_OUTPUT.value)}")  # a path may hold a newline: one line each, here too
-  if _ORBAX_OUTPUT.value:
-    print(f"wrote {one_line(_ORBAX_OUTPUT.value)}")
-  if picture is not None:
-    print(f"wrote {one_line(_PLOT.value)}")
+  if distributed.is_writer():
+    _commit(plan, names, results, config, cards=[_model_card(r, a) for r, a in zip(results, adapters)])
+    if picture is not None:
+      plot.write_png(_PLOT.value, picture)
+    print("\n".join(r.report.text() for r in results))
+    for written in filter(None, (_OUTPUT.value, _ORBAX_OUTPUT.value, _PLOT.value)):
+      print(f"wrote {one_line(written)}")  # a path may hold a newline: one line each, here too
+  distributed.finish()
   return results
 
 
@@ -325,6 +324,7 @@ def _run_reporting_one_line() -> int:
 
 
 def _fail(e: BaseException, message: str, status: int) -> int:
+  distributed.fail_everywhere(message, status)  # several processes: every one exits with this line and status
   if logging.get_verbosity() >= logging.DEBUG and not isinstance(e, Interrupted):
     raise e
   print(f"error: {one_line(message)}", file=sys.stderr)

@@ -33,7 +33,7 @@ import numpy as np
 from absl import logging
 
 from crosslora_jax import methods
-from crosslora_jax.core import calibration, kernels, planning, sharding
+from crosslora_jax.core import calibration, distributed, kernels, planning, sharding
 from crosslora_jax.core.sharding import blas_threads
 from crosslora_jax.core.cache import SubspaceCache
 from crosslora_jax.core.report import Report
@@ -198,6 +198,8 @@ def start_run(source_w: BaseWeights, target_w: BaseWeights, loaded: list[peft_fo
   """The run's shared state: the subspace cache, the device mesh, the method's context."""
   method = methods.get(config.method)
   cache = SubspaceCache(config.cache_dir) if config.cache_dir is not None else None
+  if cache is not None and distributed.active():  # every process must take the same hits (SPMD in step)
+    cache = distributed.AgreedCache(cache)
   mesh = sharding.layer_mesh() if config.shard_layers else None
   subs_s = Subspaces(source_w, config, cache=cache, mesh=mesh)
   subs_t = Subspaces(target_w, config, cache=cache, mesh=mesh)

@@ -5,7 +5,9 @@ batch is sharded over a ``Mesh`` with one axis (``"layers"``) and every device
 runs the batched kernel (kernels.map_layers) on its own slice inside ``jax.shard_map``: no
 communication, and each layer's result is the one it would get on one device.
 With one visible device everything goes through :func:`kernels.batched_truncated_svd`
-unchanged. On CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` gives
+unchanged. After ``jax.distributed`` starts (:mod:`crosslora_jax.core.distributed`) the
+mesh spans every process's devices; each process then puts only its own layers on its
+devices and the results are gathered back to every process (one all-gather). On CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` gives
 four devices (set before JAX starts; library code never changes it).
 
 :func:`blas_threads` bounds the LAPACK/BLAS threads that run beside XLA's own.
@@ -28,11 +30,20 @@ AXIS = "layers"
 
 
 def layer_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh | None:
-  """A 1-D mesh over ``devices`` (default: all visible), or None when there is only one."""
-  devices = list(jax.devices() if devices is None else devices)
+  """A 1-D mesh over ``devices`` (default: every process's), or None when there is only one.
+
+  Ordered by (process, device id), so every process builds the same mesh and each
+  process's devices hold consecutive layers.
+  """
+  devices = sorted(jax.devices() if devices is None else devices, key=lambda d: (d.process_index, d.id))
   if len(devices) <= 1:
     return None
   return Mesh(np.asarray(devices), (AXIS,))
+
+
+def spans_processes(mesh: Mesh | None) -> bool:
+  """Whether ``mesh`` holds devices of other processes (its arrays are then not all addressable here)."""
+  return mesh is not None and len({d.process_index for d in mesh.devices.flat}) > 1
 
 
 def num_shards(mesh: Mesh | None) -> int:
@@ -52,7 +63,10 @@ def _sharded_svd(w_loi: jax.Array, keys: jax.Array, *, mesh: Mesh, rank: int, me
                          n_power_iter=n_power_iter)
   local = functools.partial(kernels.map_layers, fn)
   spec = PartitionSpec(AXIS)
-  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec), out_specs=spec)(w_loi, keys)
+  out = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec), out_specs=spec)(w_loi, keys)
+  if spans_processes(mesh):  # every process needs every layer's result on the host: gather them
+    out = jax.lax.with_sharding_constraint(out, NamedSharding(mesh, PartitionSpec()))
+  return out
 
 
 def truncated_svd_layers(w_loi: np.ndarray | jax.Array, keys: jax.Array, *, mesh: Mesh | None, rank: int,
@@ -70,10 +84,25 @@ def truncated_svd_layers(w_loi: np.ndarray | jax.Array, keys: jax.Array, *, mesh
   if n % num_shards(mesh):
     raise ValueError(f"w_loi: a layer axis divisible by {num_shards(mesh)} devices expected, got {n} layers")
   sharding = NamedSharding(mesh, PartitionSpec(AXIS))
-  w = jax.device_put(w_loi, sharding)
-  keys = jax.device_put(keys, sharding)
+  w = put_global(w_loi, sharding)
+  keys = put_global(keys, sharding)
   return _sharded_svd(w, keys, mesh=mesh, rank=rank, method=method, n_oversamples=n_oversamples,
                       n_power_iter=n_power_iter)
+
+
+def put_global(x: np.ndarray | jax.Array, sharding: NamedSharding) -> jax.Array:
+  """``x`` (the same on every process) placed by ``sharding``: each process fills only its own devices.
+
+  With one process this is ``jax.device_put``; over several, device_put refuses arrays
+  already on a device, so their values go through the host (PRNG keys as their raw data).
+  """
+  if sharding.is_fully_addressable:
+    return jax.device_put(x, sharding)
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    data = put_global(np.asarray(jax.random.key_data(x)), sharding)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 @contextlib.contextmanager

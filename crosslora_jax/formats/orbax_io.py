@@ -67,7 +67,9 @@ def save_args(lora: Lora) -> ocp.args.Composite:
   leaves = [{"path": list(path), "shape": list(np.shape(x)), "dtype": str(np.dtype(x.dtype))}
             for path, x in _leaves(tree.params)]
   meta = dict(tree.meta, orbax={"kind": kind, "leaves": leaves})
-  return ocp.args.Composite(**{PARAMS: ocp.args.StandardSave(tree.params), META: ocp.args.JsonSave(meta)})
+  # Host numpy, not jax.Array: with several JAX processes Orbax refuses a process-local jax.Array.
+  params = jax.tree.map(np.asarray, tree.params)
+  return ocp.args.Composite(**{PARAMS: ocp.args.StandardSave(params), META: ocp.args.JsonSave(meta)})
 
 
 def _abstract_from_meta(meta: Mapping[str, Any], where: str) -> dict[Any, Any]:
@@ -132,7 +134,14 @@ def _result(params: Any, meta: Mapping[str, Any], where: str) -> Lora:
 
 
 def _checkpointer() -> ocp.Checkpointer:
-  return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  """A checkpointer of this process alone: the arrays are host numpy, and with several JAX
+  processes only one of them writes (Orbax's default would wait for all at its barriers)."""
+  alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
+  handler = ocp.CompositeCheckpointHandler(
+      composite_options=ocp.CompositeOptions(multiprocessing_options=alone),
+      **{PARAMS: ocp.StandardCheckpointHandler(multiprocessing_options=alone),
+         META: ocp.JsonCheckpointHandler(multiprocessing_options=alone)})
+  return ocp.Checkpointer(handler, multiprocessing_options=alone)
 
 
 def _write(folder: pathlib.Path, lora: Lora, where: str) -> None:
