@@ -55,10 +55,12 @@ SHAPES: dict[str, dict[str, Any]] = {
     "70b": dict(_LLAMA, num_hidden_layers=80, hidden_size=8192, num_attention_heads=64, num_key_value_heads=8,
                 intermediate_size=28672),
 }
-# Per shape: layers written and transferred, modules timed, modules the CLI run transfers.
-PLAN = {"0.5b": dict(layers=2, timed=CANONICAL_MODULES, cli=CANONICAL_MODULES),
-        "3b": dict(layers=2, timed=CANONICAL_MODULES, cli=CANONICAL_MODULES),
-        "70b": dict(layers=1, timed=("q_proj", "k_proj", "gate_proj"), cli=("gate_proj",))}
+# Per shape: layers written and transferred, modules timed in the child, what the CLI run transfers.
+# 70B: the CLI run moves gate_proj of layer 0 with lora_x (target subspaces only: one decomposition
+# of the largest weight, whose read + decompose time it reports), q and k are timed in the child.
+PLAN = {"0.5b": dict(layers=2, timed=CANONICAL_MODULES, cli=CANONICAL_MODULES, method="cross_lora"),
+        "3b": dict(layers=2, timed=CANONICAL_MODULES, cli=CANONICAL_MODULES, method="cross_lora"),
+        "70b": dict(layers=1, timed=("q_proj", "k_proj"), cli=("gate_proj",), method="lora_x")}
 SAME_COST = {"o_proj": "q_proj", "v_proj": "k_proj", "up_proj": "gate_proj", "down_proj": "gate_proj"}
 
 
@@ -157,18 +159,23 @@ def measure_shape(name: str, work: pathlib.Path) -> dict[str, Any]:
                           f"--target={data / 'target'}", f"--modules={','.join(plan['timed'])}",
                           f"--timed_layer={timed_layer}"], work, f"{name}-module-times")
   times = json.loads(kt["stdout"].strip().splitlines()[-1])
-  per_module = {m: times.get(m, times.get(SAME_COST.get(m, m))) for m in CANONICAL_MODULES}
   cli = bench_speed.timed([sys.executable, "-m", "crosslora_jax.transfer", f"--source_model={data / 'source'}",
                            f"--target_model={data / 'target'}", f"--adapter={data / 'adapter'}",
                            f"--output={data / 'out'}", f"--report={data / 'report.json'}", f"--rank={RANK}",
-                           "--chunk_layers=1", "--no_cache", "--noprogress", "--overwrite"], work, f"{name}-cli")
+                           f"--method={plan['method']}", "--chunk_layers=1", "--no_cache", "--noprogress",
+                           "--overwrite"], work, f"{name}-cli")
   report = json.loads((data / "report.json").read_text())
+  if plan["method"] == "lora_x":  # one target weight decomposed: the CLI's own read + decompose time
+    times.update({m: report["seconds_decompose"] for m in plan["cli"]})
+  per_module = {m: times.get(m, times.get(SAME_COST.get(m, m))) for m in CANONICAL_MODULES}
+  measured = [m for m in CANONICAL_MODULES if m in times]
   shutil.rmtree(data, ignore_errors=True)
   per_layer = 2 * sum(per_module.values())  # source and target, 7 modules
   depth = SHAPES[name]["num_hidden_layers"]
   return {"shape": name, "config": config, "layer_params": layer_params(config), "layers": depth,
-          "layers_written": plan["layers"], "modules_timed": list(plan["timed"]), "timed_layer": timed_layer,
-          "module_seconds": per_module, "measured_module_seconds": {m: times[m] for m in plan["timed"]},
+          "layers_written": plan["layers"], "modules_timed": measured, "timed_layer": timed_layer,
+          "module_seconds": per_module, "measured_module_seconds": {m: times[m] for m in measured},
+          "cli_method": plan["method"],
           "svd": times["svd"], "layer_seconds": per_layer, "full_decompose_seconds": per_layer * depth,
           "cli": {k: cli[k] for k in ("seconds", "cpu_seconds", "peak_gib", "command")},
           "cli_modules": list(plan["cli"]), "cli_decompose_seconds": report.get("seconds_decompose"),
@@ -200,8 +207,8 @@ def write_results(rows: list[dict[str, Any]], law: dict[str, float] | None, out:
   for r in rows:
     mods = ", ".join(f"{m.split('_')[0]} {s:.2f}" + ("" if m in r["modules_timed"] else "*")
                      for m, s in r["module_seconds"].items())
-    what = (f"{'all 7 modules' if len(r['cli_modules']) == 7 else '+'.join(r['cli_modules'])} x "
-            f"{r['layers_written']} layer(s), --chunk_layers 1")
+    what = (f"{r['cli_method']}, {'all 7 modules' if len(r['cli_modules']) == 7 else '+'.join(r['cli_modules'])} "
+            f"x {r['layers_written']} layer(s), --chunk_layers 1")
     lines.append(f"| {r['shape']} | {r['layer_params'] / 1e6:.1f} M | {r['layers']} | {mods} | "
                  f"{r['layer_seconds']:.1f} | {r['full_decompose_seconds'] / 60:.1f} min | {what} | "
                  f"{r['cli']['seconds']:.1f} | {r['cli']['peak_gib']:.2f} GiB |")
@@ -234,6 +241,7 @@ def main() -> None:
   parser.add_argument("--shapes", default="0.5b,3b,70b")
   parser.add_argument("--workdir", default="/tmp/crosslora-bench-scaling")
   parser.add_argument("--out", default=str(REPO / "results"))
+  parser.add_argument("--keep", action="store_true", help="keep the other shapes' rows from an earlier run")
   parser.add_argument("--module_times", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--target", help=argparse.SUPPRESS)
   parser.add_argument("--modules", help=argparse.SUPPRESS)
@@ -245,16 +253,19 @@ def main() -> None:
   work = pathlib.Path(args.workdir)
   work.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()
-  rows = []
+  saved = work / "rows.json"  # every shape measured so far (a later run can add or redo shapes)
+  rows = [r for r in (json.loads(saved.read_text()) if saved.exists() and args.keep else [])
+          if r["shape"] not in args.shapes.split(",")]
   try:
     for name in args.shapes.split(","):
       rows.append(measure_shape(name, work))
-      json.dump(rows, open(work / "rows.json", "w"), indent=1)  # kept if a later shape fails
+      rows.sort(key=lambda r: list(SHAPES).index(r["shape"]))
+      saved.write_text(json.dumps(rows, indent=1))
   finally:
     for name in SHAPES:
       shutil.rmtree(work / name, ignore_errors=True)
   law = fit(rows) if len(rows) >= 2 else None
-  command = "python scripts/bench_scaling.py" + (f" --shapes {args.shapes}" if args.shapes != "0.5b,3b,70b" else "")
+  command = " ".join(["python scripts/bench_scaling.py"] + sys.argv[1:])
   print(write_results(rows, law, pathlib.Path(args.out), command, time.perf_counter() - t0))
 
 

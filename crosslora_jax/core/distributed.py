@@ -108,8 +108,9 @@ class _State:
 def initialize(config: DistributedConfig) -> None:
   """Joins the run (``jax.distributed.initialize``) and starts the failure watchdog; no-op for one process.
 
-  Must run before anything touches a JAX backend. A coordinator that does not answer
-  within ``timeout_s`` (or a port in use) is a one-line CrossLoraError.
+  Must run before anything touches a JAX backend. If not every process has joined within
+  ``timeout_s``, the process prints one error line and exits with status 2 (jaxlib itself
+  would abort it); jaxlib refusing to start (a port in use) is a CrossLoraError.
   """
   if not config.several or _State.client is not None:
     return
@@ -129,8 +130,7 @@ def initialize(config: DistributedConfig) -> None:
     raise CrossLoraError(f"{where}, got {type(e).__name__}: {one_line(str(e), limit=300)}. {fix}") from e
   finally:
     timer.cancel()
-  from jax._src import distributed as jax_distributed  # the key-value client has no public name
-  _State.client, _State.config = jax_distributed.global_state.client, config
+  _State.client, _State.config = _client(), config
   _State.stop.clear()
   threading.Thread(target=_watch_for_failure, name="crosslora-distributed-watchdog", daemon=True).start()
 
@@ -140,8 +140,15 @@ def _exit_now(message: str, status: int) -> None:
   os._exit(status)
 
 
+def _client():
+  """The key-value client of ``jax.distributed``: ours, or one a library user started; None for one process."""
+  from jax._src import distributed as jax_distributed  # the client has no public name
+  return jax_distributed.global_state.client
+
+
 def active() -> bool:
-  return _State.client is not None
+  """Whether this process is one of several (``jax.distributed`` is initialised, by us or by the caller)."""
+  return _client() is not None
 
 
 def is_writer() -> bool:
@@ -222,13 +229,13 @@ def finish() -> None:
 
 def agree(flag: bool) -> bool:
   """True only if every process passes True (one key-value exchange); ``flag`` itself for one process."""
-  if _State.client is None:
+  client = _client()
+  if client is None:
     return flag
   _State.sequence += 1
   prefix = f"crosslora/agree/{_State.sequence}/"
-  _State.client.key_value_set(f"{prefix}{jax.process_index()}", "1" if flag else "0")
-  return all(_State.client.blocking_key_value_get(f"{prefix}{p}", _timeout_ms()) == "1"
-             for p in range(jax.process_count()))
+  client.key_value_set(f"{prefix}{jax.process_index()}", "1" if flag else "0")
+  return all(client.blocking_key_value_get(f"{prefix}{p}", _timeout_ms()) == "1" for p in range(jax.process_count()))
 
 
 class AgreedCache:
