@@ -128,18 +128,18 @@ def module_times_main(args: argparse.Namespace) -> None:
   from crosslora_jax.core.subspaces import Subspaces
   ck = Checkpoint(args.target)
   config = TransferConfig(rank=RANK, chunk_layers=1)
-  out: dict[str, Any] = {"svd": config.svd}
+  out: dict[str, Any] = {"svd": config.svd, "cpu": {}}
   with blas_threads(config.blas_threads):
     for module in args.modules.split(","):
       rank = min(RANK, *ck.arch.shape(module))
       subs = Subspaces(ck, config)
       for layer in range(args.timed_layer + 1):  # the earlier layers compile
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         subs.get(module, [layer], rank, batch_layers=1)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         subs.release(module)
-      out[module] = seconds
-      print(f"[scaling] {module}: {seconds:.2f} s", file=sys.stderr, flush=True)
+      out[module], out["cpu"][module] = seconds, cpu
+      print(f"[scaling] {module}: {seconds:.2f} s wall, {cpu:.2f} s CPU", file=sys.stderr, flush=True)
   print(json.dumps(out))
 
 
@@ -165,70 +165,86 @@ def measure_shape(name: str, work: pathlib.Path) -> dict[str, Any]:
                            f"--method={plan['method']}", "--chunk_layers=1", "--no_cache", "--noprogress",
                            "--overwrite"], work, f"{name}-cli")
   report = json.loads((data / "report.json").read_text())
+  cpu_times = times.pop("cpu")
   if plan["method"] == "lora_x":  # one target weight decomposed: the CLI's own read + decompose time
     times.update({m: report["seconds_decompose"] for m in plan["cli"]})
+    # CPU of that weight: the process's CPU less what the rest of it took (wall minus decomposition),
+    # counted at one core; an estimate, said so in the results.
+    cpu_times.update({m: max(cli["cpu_seconds"] - (cli["seconds"] - report["seconds_decompose"]), 0.0)
+                      for m in plan["cli"]})
   per_module = {m: times.get(m, times.get(SAME_COST.get(m, m))) for m in CANONICAL_MODULES}
-  measured = [m for m in CANONICAL_MODULES if m in times]
+  per_module_cpu = {m: cpu_times.get(m, cpu_times.get(SAME_COST.get(m, m))) for m in CANONICAL_MODULES}
+  measured = [m for m in CANONICAL_MODULES if m in times and m != "svd"]
   shutil.rmtree(data, ignore_errors=True)
   per_layer = 2 * sum(per_module.values())  # source and target, 7 modules
+  per_layer_cpu = 2 * sum(per_module_cpu.values())
   depth = SHAPES[name]["num_hidden_layers"]
   return {"shape": name, "config": config, "layer_params": layer_params(config), "layers": depth,
           "layers_written": plan["layers"], "modules_timed": measured, "timed_layer": timed_layer,
           "module_seconds": per_module, "measured_module_seconds": {m: times[m] for m in measured},
           "cli_method": plan["method"],
+          "module_cpu_seconds": per_module_cpu, "layer_cpu_seconds": per_layer_cpu,
+          "full_decompose_cpu_seconds": per_layer_cpu * depth,
           "svd": times["svd"], "layer_seconds": per_layer, "full_decompose_seconds": per_layer * depth,
           "cli": {k: cli[k] for k in ("seconds", "cpu_seconds", "peak_gib", "command")},
           "cli_modules": list(plan["cli"]), "cli_decompose_seconds": report.get("seconds_decompose"),
           "write_seconds": write_seconds}
 
 
-def fit(rows: list[dict[str, Any]]) -> dict[str, float]:
-  """Least squares of log t = log a + b log P over the shapes (P: one layer's parameters)."""
+def fit(rows: list[dict[str, Any]], field: str) -> dict[str, float]:
+  """Least squares of log t = log a + b log P over the shapes (P: one layer's parameters; t: ``field``)."""
   p = np.log([r["layer_params"] for r in rows])
-  t = np.log([r["layer_seconds"] for r in rows])
+  t = np.log([r[field] for r in rows])
   b, log_a = np.polyfit(p, t, 1)
   predicted = np.exp(log_a + b * p)
   return {"a": float(np.exp(log_a)), "b": float(b),
           "max_rel_residual": float(np.max(np.abs(predicted / np.exp(t) - 1)))}
 
 
-def write_results(rows: list[dict[str, Any]], law: dict[str, float] | None, out: pathlib.Path, command: str,
-                  total_seconds: float) -> str:
+def write_results(rows: list[dict[str, Any]], law: dict[str, dict[str, float]] | None, out: pathlib.Path,
+                  command: str, total_seconds: float) -> str:
   lines = [
       "# Scaling law: decomposition time and peak memory vs model size", "",
       f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%M} UTC on {bench_speed.machine()}. "
-      "The 2 cores are shared with other jobs, run under `nice -n 5`: times are noisy.", "",
-      f"Command: `{command}` (total {total_seconds / 60:.1f} min). Same-shape pairs of synthetic bf16 checkpoints "
-      f"(source seed 1 -> target seed 2), r = {RANK}, `--svd {rows[0]['svd']}` (the CLI default), a rank-16 LoRA; "
-      "built-in spectrum profile (bench_speed.fallback_profile).", "",
-      "| shape | params / layer (7 linear) | layers | per-module s (read + decompose, one model) | "
-      "per layer s (2 models) | full depth, extrapolated | CLI run: what | wall s | peak RSS |",
+      "The 2 cores were shared with other jobs (load average ~10) and this ran under `nice -n 5`, so wall times "
+      "are mostly waiting: CPU seconds (all threads of the process) are the steadier measure, and the fit uses them.",
+      "", f"Command: `{command}` (total {total_seconds / 60:.1f} min). Same-shape pairs of synthetic bf16 "
+      f"checkpoints (source seed 1 -> target seed 2), r = {RANK}, `--svd {rows[0]['svd']}` (the CLI default), a "
+      "rank-16 LoRA; built-in spectrum profile (bench_speed.fallback_profile).", "",
+      "| shape | params / layer (7 linear) | layers | per-module CPU s (read + decompose, one model) | "
+      "per layer, 2 models: CPU s / wall s | full depth, extrapolated: CPU / wall | CLI run | wall s / CPU s | "
+      "peak RSS |",
       "|---|---:|---:|---|---:|---:|---|---:|---:|"]
   for r in rows:
     mods = ", ".join(f"{m.split('_')[0]} {s:.2f}" + ("" if m in r["modules_timed"] else "*")
-                     for m, s in r["module_seconds"].items())
+                     for m, s in r["module_cpu_seconds"].items())
     what = (f"{r['cli_method']}, {'all 7 modules' if len(r['cli_modules']) == 7 else '+'.join(r['cli_modules'])} "
             f"x {r['layers_written']} layer(s), --chunk_layers 1")
     lines.append(f"| {r['shape']} | {r['layer_params'] / 1e6:.1f} M | {r['layers']} | {mods} | "
-                 f"{r['layer_seconds']:.1f} | {r['full_decompose_seconds'] / 60:.1f} min | {what} | "
-                 f"{r['cli']['seconds']:.1f} | {r['cli']['peak_gib']:.2f} GiB |")
+                 f"{r['layer_cpu_seconds']:.1f} / {r['layer_seconds']:.1f} | "
+                 f"{r['full_decompose_cpu_seconds'] / 60:.1f} / {r['full_decompose_seconds'] / 60:.1f} min | {what} | "
+                 f"{r['cli']['seconds']:.1f} / {r['cli']['cpu_seconds']:.1f} | {r['cli']['peak_gib']:.2f} GiB |")
   lines += ["", "\\* not measured: the cost of the module of the same Gram size (o = q, v = k, up = down = gate). "
-            "Full depth = layers x per-layer seconds (decomposition only; reading the adapter, projecting and "
-            "writing add the CLI run's remainder).", ""]
+            "Small shapes: layer 1 timed after layer 0 compiled; 70B: q and k of layer 0, compile included, and "
+            "gate from the lora_x CLI run's own read + decompose seconds (its CPU estimated as the process's CPU "
+            "less the rest of its wall time). Full depth = layers x per-layer seconds (decomposition only; start-up, "
+            "projection and writing add the CLI run's remainder).", ""]
   if law is not None:
-    lines += [f"**Fit** (per-layer seconds of a transfer vs P = parameters of one layer's 7 linear weights): "
-              f"t = {law['a']:.3g} x P^{law['b']:.3f}; largest relative residual over the shapes "
-              f"{law['max_rel_residual']:.1%}.", ""]
+    for field, label in (("layer_cpu_seconds", "CPU"), ("layer_seconds", "wall")):
+      f = law[field]
+      lines.append(f"**Fit, {label}** (per-layer seconds of a transfer vs P = parameters of one layer's 7 linear "
+                   f"weights): t = {f['a']:.3g} x P^{f['b']:.3f}; largest relative residual {f['max_rel_residual']:.1%}.")
+    lines.append("")
   big = [r for r in rows if r["shape"] == "70b"]
   if big:
     r = big[0]
     ok = r["cli"]["peak_gib"] * 2**30 / 1e9 <= 8
     lines += [f"**70B-shaped peak host memory:** {r['cli']['peak_gib']:.2f} GiB for the CLI run "
               f"({'meets' if ok else 'misses'} the <= 8 GB target) with `--chunk_layers 1`, decomposing gate_proj "
-              "(28672 x 8192, the largest weight) of one layer in both models. The engine holds one chunk of "
-              "weights at a time, so a full-depth run peaks at the same chunk plus the adapters held in memory "
-              "(a rank-16 LoRA on all 7 modules of 80 layers is ~0.83 GB in float32, once as input and once as "
-              "output).", ""]
+              "(28672 x 8192, the largest weight) of one layer. The engine holds one chunk of weights at a time, so "
+              "a full-depth run peaks at the same chunk plus the adapters held in memory (a rank-16 LoRA on all 7 "
+              "modules of 80 layers is ~0.83 GB in float32, once as input and once as output) and the subspaces "
+              "of the chunk (U, V of 28672 x 320 and 8192 x 320, float32: ~47 MB per weight).", ""]
   text = "\n".join(lines)
   out.mkdir(parents=True, exist_ok=True)
   (out / "scaling.md").write_text(text)
@@ -264,7 +280,7 @@ def main() -> None:
   finally:
     for name in SHAPES:
       shutil.rmtree(work / name, ignore_errors=True)
-  law = fit(rows) if len(rows) >= 2 else None
+  law = {f: fit(rows, f) for f in ("layer_cpu_seconds", "layer_seconds")} if len(rows) >= 2 else None
   command = " ".join(["python scripts/bench_scaling.py"] + sys.argv[1:])
   print(write_results(rows, law, pathlib.Path(args.out), command, time.perf_counter() - t0))
 
