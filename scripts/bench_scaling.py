@@ -191,6 +191,19 @@ def measure_shape(name: str, work: pathlib.Path) -> dict[str, Any]:
           "write_seconds": write_seconds}
 
 
+def gram_flops(config: dict[str, Any]) -> float:
+  """FLOPs of --svd gram for one layer of one model: per weight (m, n), k = min(m, n),
+  the Gram matrix 2mnk, a full eigh ~9k^3, the Rayleigh-Ritz product 2mn(r + 32)."""
+  from crosslora_jax.formats.architectures import Architecture
+  arch = Architecture.from_config(config)
+  total = 0.0
+  for module in CANONICAL_MODULES:
+    m, n = arch.shape(module)
+    k = min(m, n)
+    total += 2.0 * m * n * k + 9.0 * k**3 + 2.0 * m * n * (min(RANK, k) + 32)
+  return total
+
+
 def fit(rows: list[dict[str, Any]], field: str) -> dict[str, float]:
   """Least squares of log t = log a + b log P over the shapes (P: one layer's parameters; t: ``field``)."""
   p = np.log([r["layer_params"] for r in rows])
@@ -219,7 +232,7 @@ def write_results(rows: list[dict[str, Any]], law: dict[str, dict[str, float]] |
     mods = ", ".join(f"{m.split('_')[0]} {s:.2f}" + ("" if m in r["modules_timed"] else "*")
                      for m, s in r["module_cpu_seconds"].items())
     what = (f"{r['cli_method']}, {'all 7 modules' if len(r['cli_modules']) == 7 else '+'.join(r['cli_modules'])} "
-            f"x {r['layers_written']} layer(s), --chunk_layers 1")
+            f"x {r['layers_written']} layer(s), --chunk_layers 1") + (f" ({r['cli_note']})" if r.get("cli_note") else "")
     lines.append(f"| {r['shape']} | {r['layer_params'] / 1e6:.1f} M | {r['layers']} | {mods} | "
                  f"{r['layer_cpu_seconds']:.1f} / {r['layer_seconds']:.1f} | "
                  f"{r['full_decompose_cpu_seconds'] / 60:.1f} / {r['full_decompose_seconds'] / 60:.1f} min | {what} | "
@@ -235,6 +248,19 @@ def write_results(rows: list[dict[str, Any]], law: dict[str, dict[str, float]] |
       lines.append(f"**Fit, {label}** (per-layer seconds of a transfer vs P = parameters of one layer's 7 linear "
                    f"weights): t = {f['a']:.3g} x P^{f['b']:.3f}; largest relative residual {f['max_rel_residual']:.1%}.")
     lines.append("")
+  rates = {r["shape"]: 2 * gram_flops(r["config"]) / r["layer_cpu_seconds"] for r in rows}
+  lines.append("**FLOP model** (Gram 2mnk + eigh ~9k^3 + Rayleigh-Ritz 2mn(r+32) per weight, k = min(m, n)): "
+               + "; ".join(f"{name}: {2 * gram_flops(dict(cfg, _name_or_path=''))/ 1e12:.2f} TFLOP per layer "
+                           f"(2 models)" + (f", measured {rates[name] / 1e9:.1f} GFLOP per CPU-second"
+                                           if name in rates else "")
+                           for name, cfg in SHAPES.items()) + ".")
+  best = max(rates.values())
+  for name, cfg in SHAPES.items():
+    flops = 2 * gram_flops(dict(cfg, _name_or_path="")) * cfg["num_hidden_layers"]
+    lines.append(f"- {name} at full depth ({cfg['num_hidden_layers']} layers, both models): {flops / 1e15:.3f} PFLOP "
+                 f"= {flops / best / 3600:.2f} CPU-hours at the best measured rate ({best / 1e9:.1f} GFLOP/CPU-s), "
+                 f"{flops / 85e9 / 3600:.2f} h of wall time at the ~85 GFLOP/s a quiet 2-core run reaches.")
+  lines.append("")
   big = [r for r in rows if r["shape"] == "70b"]
   if big:
     r = big[0]
@@ -258,6 +284,7 @@ def main() -> None:
   parser.add_argument("--workdir", default="/tmp/crosslora-bench-scaling")
   parser.add_argument("--out", default=str(REPO / "results"))
   parser.add_argument("--keep", action="store_true", help="keep the other shapes' rows from an earlier run")
+  parser.add_argument("--rows", help="measure nothing: write the results of these rows.json files (comma-separated)")
   parser.add_argument("--module_times", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--target", help=argparse.SUPPRESS)
   parser.add_argument("--modules", help=argparse.SUPPRESS)
@@ -265,6 +292,15 @@ def main() -> None:
   args = parser.parse_args()
   if args.module_times:
     module_times_main(args)
+    return
+  if args.rows:
+    rows = sorted((r for f in args.rows.split(",") for r in json.loads(pathlib.Path(f).read_text())),
+                  key=lambda r: list(SHAPES).index(r["shape"]))
+    law = {f: fit(rows, f) for f in ("layer_cpu_seconds", "layer_seconds")} if len(rows) >= 2 else None
+    total = sum(r.get("total_seconds", 0.0) for r in rows)
+    commands = "`; `".join(dict.fromkeys(r.get("command", "python scripts/bench_scaling.py") for r in rows))
+    print(write_results(rows, law, pathlib.Path(args.out), f"{commands}`, merged by `python "
+                        f"scripts/bench_scaling.py --rows {args.rows}", total))
     return
   work = pathlib.Path(args.workdir)
   work.mkdir(parents=True, exist_ok=True)
@@ -274,7 +310,10 @@ def main() -> None:
           if r["shape"] not in args.shapes.split(",")]
   try:
     for name in args.shapes.split(","):
+      t_shape = time.perf_counter()
       rows.append(measure_shape(name, work))
+      rows[-1].update(total_seconds=time.perf_counter() - t_shape,
+                      command=" ".join(["nice -n 5 python scripts/bench_scaling.py"] + sys.argv[1:]))
       rows.sort(key=lambda r: list(SHAPES).index(r["shape"]))
       saved.write_text(json.dumps(rows, indent=1))
   finally:
