@@ -52,6 +52,12 @@ ARMS: dict[str, dict[str, Any]] = {  # name -> RefineConfig overrides (+ "init":
     "topk30-noguard": {"guard": False},
     "null": {"null": True},
     "projection+topk30": {"init": "projection"},
+    "own-reward": {"writer": "target", "loss": "reward"},
+    "own-topk30": {"writer": "target"},
+    "own-delta": {"writer": "target", "loss": "delta"},
+    "null-own-topk30": {"writer": "target", "null": True},
+    "null-own-reward": {"writer": "target", "loss": "reward", "null": True},
+    "projection+own-reward": {"writer": "target", "loss": "reward", "init": "projection"},
 }
 
 

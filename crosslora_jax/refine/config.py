@@ -14,7 +14,8 @@ import pathlib
 from crosslora_jax.errors import CrossLoraError, collect_and_raise
 from crosslora_jax.refine.select import SELECTIONS
 
-LOSSES = ("nll", "delta")
+LOSSES = ("nll", "delta", "reward")
+WRITERS = ("source", "target")
 CHECKS = {"agreement": +1, "delta_error": -1, "nll_selected": -1}  # held-back check -> sign of "better"
 DTYPES = ("float32", "bfloat16")
 
@@ -35,6 +36,13 @@ class RefineConfig:
   (``fraction`` for top-k), plus ``anchor`` × squared log-prob change against the
   target base on the tokens not chosen; ``"delta"`` matches the student's log-prob
   change against its base to the teacher's carried score on every token.
+  ``"reward"`` (with ``writer="target"``) raises the student's log-prob of its own tokens in
+  proportion to their centred score, clipped like PPO at ratio 1 ± ``clip``: the KL-regularised
+  move towards target base × (source + adapter) / source base, with nothing learned where
+  the adapter changed nothing.
+  ``writer``: who writes the text: ``"source"`` (source base + adapter, the teacher) or
+  ``"target"`` (the target base writes, the teacher only scores it: no text of another
+  model's style is learned).
   ``check``: the held-back measure that picks the best evaluated step (see
   ``student.heldout_metrics``); ``eval_every``: steps between checks;
   ``guard``: return the initial adapter when no evaluated step beats it on ``check``.
@@ -51,6 +59,8 @@ class RefineConfig:
   fraction: float = 0.3
   loss: str = "nll"
   anchor: float = 0.0
+  clip: float = 0.2
+  writer: str = "source"
   steps: int = 16
   batch: int = 4
   lr: float = 1e-3
@@ -93,12 +103,15 @@ class RefineConfig:
     number_in("fraction", 0.0, 1.0)
     number_in("lr", 0.0, 1.0)
     number_in("anchor", 0.0, 1e6, low_open=False)
+    number_in("clip", 0.0, 10.0)
     if self.alpha is not None:
       number_in("alpha", 0.0, 1e6)
     if self.selection not in SELECTIONS:
       problems.append(f"selection: one of {', '.join(SELECTIONS)} expected, got {self.selection!r}")
     if self.loss not in LOSSES:
       problems.append(f"loss: one of {', '.join(LOSSES)} expected, got {self.loss!r}")
+    if self.writer not in WRITERS:
+      problems.append(f"writer: one of {', '.join(WRITERS)} expected, got {self.writer!r}")
     if self.check not in CHECKS:
       problems.append(f"check: one of {', '.join(CHECKS)} expected, got {self.check!r}")
     if self.dtype not in DTYPES:
