@@ -12,9 +12,10 @@ the target (its NLL from results/quality.json, same blocks and recipe):
   recovery = (NLL_base − NLL_arm) / (NLL_base − NLL_trained)
 
 The teacher never reads pydoc: it writes from its separator token. Arms differ in
-token selection, loss, anchor and initialisation; ``null`` is the default recipe
-with the source adapter removed (B = 0): what training on model-written text does
-by itself. Every arm's record (per-block NLL, refine report, seconds) is cached
+token selection, loss, anchor, writer and initialisation. Controls: ``null*`` arms
+remove the source adapter (B = 0): what training on model-written text does by
+itself; ``random-*`` arms replace it with random factors of the same rank and
+per-module ‖ΔW‖_F: what a change of the adapter's size in no learned direction does. Every arm's record (per-block NLL, refine report, seconds) is cached
 under --cache_dir, so runs can be split and resumed; results/refine.{md,json} are
 rebuilt from all records each time.
 """
@@ -43,7 +44,7 @@ import numpy as np  # noqa: E402
 from crosslora_bench import textdata, zoo  # noqa: E402
 from bench_quality import EXAMPLE_ADAPTER, MODELS  # noqa: E402
 
-ARMS: dict[str, dict[str, Any]] = {  # name -> RefineConfig overrides (+ "init": zero|projection, "null": bool)
+ARMS: dict[str, dict[str, Any]] = {  # name -> RefineConfig overrides (+ "init": zero|projection, "null"/"random": bool)
     "topk30": {},
     "all": {"selection": "all"},
     "weighted": {"selection": "weighted"},
@@ -52,6 +53,7 @@ ARMS: dict[str, dict[str, Any]] = {  # name -> RefineConfig overrides (+ "init":
     "topk30-noguard": {"guard": False},
     "null": {"null": True},
     "projection+topk30": {"init": "projection"},
+    "random-delta": {"loss": "delta", "random": True},
     "own-reward": {"writer": "target", "loss": "reward"},
     "own-topk30": {"writer": "target"},
     "own-delta": {"writer": "target", "loss": "delta"},
@@ -69,6 +71,21 @@ def zero_adapter(adapter):
   """The source adapter with every B = 0: the null control's teacher is the source base itself."""
   from crosslora_jax.formats import peft_format
   modules = {p: peft_format.LoraPair(pair.a_ri, np.zeros_like(pair.b_or)) for p, pair in adapter.modules.items()}
+  return peft_format.PeftAdapter(dict(adapter.config), modules, path=None)
+
+
+def random_adapter(adapter, seed: int = 0):
+  """Gaussian factors of the source adapter's rank, each ΔW with the same Frobenius norm: the
+  random control's teacher changes the source as much as the adapter does, in no learned direction."""
+  from crosslora_jax.formats import peft_format
+  rng = np.random.default_rng(seed)
+  modules = {}
+  for path in sorted(adapter.modules):
+    pair = adapter.modules[path]
+    a, b = np.asarray(pair.a_ri, np.float32), np.asarray(pair.b_or, np.float32)
+    a_r, b_r = rng.standard_normal(a.shape).astype(np.float32), rng.standard_normal(b.shape).astype(np.float32)
+    b_r *= np.linalg.norm(b @ a) / max(np.linalg.norm(b_r @ a_r), 1e-30)
+    modules[path] = peft_format.LoraPair(a_r.astype(pair.a_ri.dtype), b_r.astype(pair.b_or.dtype))
   return peft_format.PeftAdapter(dict(adapter.config), modules, path=None)
 
 
@@ -92,7 +109,7 @@ def block_nll(target_lm, lora, spec, ids: np.ndarray) -> np.ndarray:
 def arm_config(name: str, args) -> tuple[Any, dict[str, Any]]:
   from crosslora_jax.refine import RefineConfig
   overrides = dict(ARMS[name])
-  extra = {k: overrides.pop(k) for k in ("init", "null") if k in overrides}
+  extra = {k: overrides.pop(k) for k in ("init", "null", "random") if k in overrides}
   budget = {k: getattr(args, k) for k in ("tokens", "sample_tokens", "steps", "batch", "lr", "seed", "eval_every") if getattr(args, k) is not None}
   return RefineConfig(**{**budget, **overrides, "cache_dir": str(pathlib.Path(args.cache_dir) / "corpus")}), extra
 
@@ -109,6 +126,8 @@ def run_arm(name: str, args, state: dict[str, Any]) -> dict[str, Any]:
   source_adapter = peft_format.read_adapter(EXAMPLE_ADAPTER)
   if extra.get("null"):
     source_adapter = zero_adapter(source_adapter)
+  if extra.get("random"):
+    source_adapter = random_adapter(source_adapter)
   init = None
   if extra.get("init") == "projection":
     from bench_quality import transfer
