@@ -45,19 +45,20 @@ from crosslora_bench import textdata, zoo  # noqa: E402
 from bench_quality import EXAMPLE_ADAPTER, MODELS  # noqa: E402
 
 ARMS: dict[str, dict[str, Any]] = {  # name -> RefineConfig overrides (+ "init": zero|projection, "null"/"random": bool)
-    "topk30": {},
-    "all": {"selection": "all"},
-    "weighted": {"selection": "weighted"},
-    "topk30-anchor": {"anchor": 1.0},
     "delta": {"loss": "delta"},
-    "topk30-noguard": {"guard": False},
-    "null": {"null": True},
-    "projection+topk30": {"init": "projection"},
+    "projection+delta": {"loss": "delta", "init": "projection"},
     "random-delta": {"loss": "delta", "random": True},
+    "topk30": {"loss": "nll", "selection": "topk", "fraction": 0.3},
+    "all": {"loss": "nll", "selection": "all"},
+    "weighted": {"loss": "nll", "selection": "weighted"},
+    "topk30-anchor": {"loss": "nll", "selection": "topk", "fraction": 0.3, "anchor": 1.0},
+    "topk30-noguard": {"loss": "nll", "selection": "topk", "fraction": 0.3, "guard": False},
+    "null": {"loss": "nll", "selection": "topk", "fraction": 0.3, "null": True},
+    "projection+topk30": {"loss": "nll", "selection": "topk", "fraction": 0.3, "init": "projection"},
     "own-reward": {"writer": "target", "loss": "reward"},
-    "own-topk30": {"writer": "target"},
+    "own-topk30": {"writer": "target", "loss": "nll", "selection": "topk", "fraction": 0.3},
     "own-delta": {"writer": "target", "loss": "delta"},
-    "null-own-topk30": {"writer": "target", "null": True},
+    "null-own-topk30": {"writer": "target", "loss": "nll", "selection": "topk", "fraction": 0.3, "null": True},
     "null-own-reward": {"writer": "target", "loss": "reward", "null": True},
     "projection+own-reward": {"writer": "target", "loss": "reward", "init": "projection"},
 }
@@ -158,6 +159,12 @@ def run_arm(name: str, args, state: dict[str, Any]) -> dict[str, Any]:
           "command": " ".join(sys.argv)}
 
 
+def arm_label(rec: dict[str, Any]) -> str:
+  """The arm's name, with its seed when it is not the default one (repeats of an arm differ only there)."""
+  seed = rec["report"]["config"].get("seed", 0)
+  return rec["arm"] if not seed else f"{rec['arm']} (seed {seed})"
+
+
 def table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
   rows, lines = [], ["| pair | arm | NLL | Δ vs base (± s.e.) | recovery (± s.e.) | shipped | best step | tokens kept | refine s | eval s |",
                      "|---|---|---|---|---|---|---|---|---|---|"]
@@ -171,10 +178,11 @@ def table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) -> tu
     recovery, recovery_se = -delta / gain, delta_se / gain
     tokens = rec["report"]["tokens"]
     rows.append({**{k: rec[k] for k in ("pair", "arm", "refined", "refine_seconds", "eval_seconds", "peak_rss_gb")},
+                 "label": arm_label(rec),
                  "nll": float(arm.mean()), "delta": delta, "delta_se": delta_se, "recovery": recovery,
                  "recovery_se": recovery_se, "best_step": rec["report"]["best_step"], "tokens": tokens,
                  "heldout": rec["report"]["heldout"], "losses": rec["report"]["losses"], "config": rec["report"]["config"]})
-    lines.append(f"| {rec['pair']} | {rec['arm']} | {arm.mean():.3f} | {delta:+.3f} (± {delta_se:.3f}) | "
+    lines.append(f"| {rec['pair']} | {arm_label(rec)} | {arm.mean():.3f} | {delta:+.3f} (± {delta_se:.3f}) | "
                  f"{100 * recovery:.0f}% (± {100 * recovery_se:.0f}%) | {rec['report']['shipped']} | {rec['report']['best_step']} | "
                  f"{tokens['selected_tokens']}/{tokens['learnable_tokens']} | {rec['refine_seconds']:.0f} | {rec['eval_seconds']:.0f} |")
   return rows, "\n".join(lines)
@@ -196,7 +204,7 @@ def step_table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) 
       delta = float(arm.mean() - ref.mean())
       se = textdata.paired_se(arm, ref) if delta != 0.0 else 0.0
       e = checks.get(step, {})
-      lines.append(f"| {rec['pair']} | {rec['arm']} | {step} | {arm.mean():.3f} | {delta:+.3f} (± {se:.3f}) | "
+      lines.append(f"| {rec['pair']} | {arm_label(rec)} | {step} | {arm.mean():.3f} | {delta:+.3f} (± {se:.3f}) | "
                    f"{-100 * delta / gain:.0f}% | {e.get('agreement', float('nan')):.3f} | "
                    f"{e.get('delta_error', float('nan')):.3f} | {e.get('nll_selected', float('nan')):.3f} |")
   return "\n".join(lines)

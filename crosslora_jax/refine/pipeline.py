@@ -80,6 +80,8 @@ def prepare_student(target: Any, corpus: teacher.Corpus, config: RefineConfig) -
   data.weights = np.zeros_like(data.target)
   if config.loss == "reward":
     data.weights = advantages(data.target, data.learn, train_rows)
+  elif config.loss == "delta":
+    data.weights = data.learn.astype(np.float32)  # every learnable token is matched
   else:
     data.weights[train_rows] = token_weights(data.target[train_rows], data.learn[train_rows],
                                              selection=config.selection, fraction=config.fraction)
@@ -128,6 +130,7 @@ def refine_adapter(source_folder: Any, source_adapter: Any, target_folder: Any, 
   else:
     source_lm = source_lm or runtime.load_lm(source_folder, source, config.dtype)
     corpus, corpus_info = teacher.build_corpus(source_folder, source, config, progress=progress, teacher=source_lm)
+  corpus_info.setdefault("writer", "source")
   phases["teacher"] = corpus_info["seconds"]
   t0 = time.perf_counter()
   train, held, tokens_info = prepare_student(target, corpus, config)
