@@ -95,6 +95,7 @@ def test_the_target_writes_and_the_reward_loss_learns_only_what_the_adapter_chan
   source = peft_format.read_adapter(models / "adapter")
   zero = peft_format.PeftAdapter(dict(source.config), {p: peft_format.LoraPair(pair.a_ri, np.zeros_like(pair.b_or))
                                                        for p, pair in source.modules.items()}, path=None)
-  null = refine_adapter(models / "source", zero, models / "target", None, config, progress=False)
-  assert all(not np.any(pair.b_or) for pair in null.adapter.modules.values())
-  assert np.allclose(null.report["losses"], 0.0)
+  for null_config in (config, _config(models, loss="delta", guard=False, cache_dir=str(tmp_path / "cache"))):
+    null = refine_adapter(models / "source", zero, models / "target", None, null_config, progress=False)
+    assert all(not np.any(pair.b_or) for pair in null.adapter.modules.values())  # the null control is the base
+    assert np.allclose(null.report["losses"], 0.0)

@@ -96,7 +96,10 @@ def make_loss(cfg: Any, spec: Any, *, loss: str, anchor: float, clip: float = 0.
     learn = batch["learn"].astype(jnp.float32)
     change = lp - batch["base_lp"]
     if loss == "delta":
-      return jnp.sum(learn * (change - batch["target"]) ** 2) / jnp.maximum(jnp.sum(learn), 1.0)
+      # A token the adapter left exactly unchanged (score 0) carries no signal; without this a
+      # null teacher would train on float noise in `change`, which Adam scales up to full steps.
+      matched = learn * (batch["target"] != 0.0)
+      return jnp.sum(matched * (change - batch["target"]) ** 2) / jnp.maximum(jnp.sum(matched), 1.0)
     if loss == "reward":
       # PPO's clipped surrogate on the student's own tokens (behaviour policy = the target base):
       # advantage = the centred carried score; the clip stops a token once its ratio left 1 ± clip.
