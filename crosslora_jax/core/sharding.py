@@ -7,8 +7,9 @@ communication, and each layer's result is the one it would get on one device.
 With one visible device everything goes through :func:`kernels.batched_truncated_svd`
 unchanged. After ``jax.distributed`` starts (:mod:`crosslora_jax.core.distributed`) the
 mesh spans every process's devices; each process then puts only its own layers on its
-devices and the results are gathered back to every process (one all-gather). On CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` gives
-four devices (set before JAX starts; library code never changes it).
+devices and the results are gathered back to every process (one all-gather). On CPU,
+``XLA_FLAGS=--xla_force_host_platform_device_count=4`` gives four devices (set before JAX
+starts; library code never changes it).
 
 :func:`blas_threads` bounds the LAPACK/BLAS threads that run beside XLA's own.
 """
