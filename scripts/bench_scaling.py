@@ -8,18 +8,20 @@ Qwen2.5-0.5B-like, Llama-3.2-3B-like and Llama-3-70B (80 layers, hidden 8192, kv
 FFN 28672). Only a few layers of each are written (under --workdir, deleted at the end;
 a 70B layer is 1.7 GB of bf16 per model), and per shape, in child processes:
 
-* per-module decomposition time (read the bf16 weight, decompose at r = 320 with the
-  CLI's default --svd, as the engine's Subspaces does) on the target. Small shapes: layer 1
-  of every module, after layer 0 compiled. 70B: layer 0 of q, k and gate only, compile
-  included (seconds against ~100 s); o costs what q does (same shape), v what k does,
-  up and down what gate does (the Gram matrix is 8192 x 8192 either way);
-* one whole CLI transfer with --chunk_layers 1: wall time and peak RSS (GNU time). Small
-  shapes: every module of every written layer; 70B: gate_proj of layer 0 only (the largest
-  weight, the memory peak).
+* per-module decomposition time, wall and CPU seconds (read the bf16 weight, decompose at
+  r = 320 with the CLI's default --svd, as the engine's Subspaces does) on the target. Small
+  shapes: layer 1 of every module, after layer 0 compiled. 70B: layer 0 of q and k, compile
+  included; o costs what q does (same shape), v what k does, up and down what gate does (the
+  Gram matrix is 8192 x 8192 either way);
+* one whole CLI transfer with --chunk_layers 1: wall time, CPU and peak RSS (GNU time). Small
+  shapes: cross_lora, every module of every written layer; 70B: lora_x on gate_proj of layer 0
+  (one decomposition of the largest weight, the memory peak; its report gives gate's time).
 
 Per-layer time of a transfer = 2 (source and target) x the sum over the 7 modules; full
-depth = layers x that; a power law t = a P^b over the three shapes (P = parameters in one
-layer's 7 linear weights) is the fit. Nothing here is a timed test.
+depth = layers x that; a power law t = a P^b over the shapes (P = parameters in one layer's
+7 linear weights) is the fit, and a FLOP model of --svd gram, calibrated on the measured
+rates, extrapolates to every shape. --rows merges rows.json files of separate runs. Nothing
+here is a timed test.
 """
 
 from __future__ import annotations
@@ -204,6 +206,24 @@ def gram_flops(config: dict[str, Any]) -> float:
   return total
 
 
+def flop_model_lines(rows: list[dict[str, Any]]) -> list[str]:
+  """The measured FLOP rates and every shape's full-depth FLOPs and time at them (markdown lines)."""
+  rates = {r["shape"]: 2 * gram_flops(r["config"]) / r["layer_cpu_seconds"] for r in rows}
+  per_layer = {name: 2 * gram_flops(cfg) for name, cfg in SHAPES.items()}  # both models
+  lines = ["**FLOP model** (Gram 2mnk + eigh ~9k^3 + Rayleigh-Ritz 2mn(r+32) per weight, k = min(m, n)): "
+           + "; ".join(f"{name}: {per_layer[name] / 1e12:.2f} TFLOP per layer (2 models)"
+                       + (f", measured {rates[name] / 1e9:.1f} GFLOP per CPU-second" if name in rates else "")
+                       for name in SHAPES) + "."]
+  best = max(rates.values())
+  for name, cfg in SHAPES.items():
+    flops = per_layer[name] * cfg["num_hidden_layers"]
+    lines.append(f"- {name} at full depth ({cfg['num_hidden_layers']} layers, both models): {flops / 1e15:.3f} "
+                 f"PFLOP = {flops / best / 3600:.2f} CPU-hours at the best measured rate ({best / 1e9:.1f} "
+                 f"GFLOP/CPU-s), {flops / 85e9 / 3600:.2f} h of wall time at the ~85 GFLOP/s a quiet 2-core run "
+                 "reaches.")
+  return lines + [""]
+
+
 def fit(rows: list[dict[str, Any]], field: str) -> dict[str, float]:
   """Least squares of log t = log a + b log P over the shapes (P: one layer's parameters; t: ``field``)."""
   p = np.log([r["layer_params"] for r in rows])
@@ -231,8 +251,9 @@ def write_results(rows: list[dict[str, Any]], law: dict[str, dict[str, float]] |
   for r in rows:
     mods = ", ".join(f"{m.split('_')[0]} {s:.2f}" + ("" if m in r["modules_timed"] else "*")
                      for m, s in r["module_cpu_seconds"].items())
-    what = (f"{r['cli_method']}, {'all 7 modules' if len(r['cli_modules']) == 7 else '+'.join(r['cli_modules'])} "
-            f"x {r['layers_written']} layer(s), --chunk_layers 1") + (f" ({r['cli_note']})" if r.get("cli_note") else "")
+    modules = "all 7 modules" if len(r["cli_modules"]) == 7 else "+".join(r["cli_modules"])
+    what = f"{r['cli_method']}, {modules} x {r['layers_written']} layer(s), --chunk_layers 1"
+    what += f" ({r['cli_note']})" if r.get("cli_note") else ""
     lines.append(f"| {r['shape']} | {r['layer_params'] / 1e6:.1f} M | {r['layers']} | {mods} | "
                  f"{r['layer_cpu_seconds']:.1f} / {r['layer_seconds']:.1f} | "
                  f"{r['full_decompose_cpu_seconds'] / 60:.1f} / {r['full_decompose_seconds'] / 60:.1f} min | {what} | "
@@ -245,22 +266,11 @@ def write_results(rows: list[dict[str, Any]], law: dict[str, dict[str, float]] |
   if law is not None:
     for field, label in (("layer_cpu_seconds", "CPU"), ("layer_seconds", "wall")):
       f = law[field]
-      lines.append(f"**Fit, {label}** (per-layer seconds of a transfer vs P = parameters of one layer's 7 linear "
-                   f"weights): t = {f['a']:.3g} x P^{f['b']:.3f}; largest relative residual {f['max_rel_residual']:.1%}.")
+      lines.append(f"**Fit, {label}** (per-layer seconds of a transfer vs P = parameters of one layer's 7 "
+                   f"linear weights): t = {f['a']:.3g} x P^{f['b']:.3f}; largest relative residual "
+                   f"{f['max_rel_residual']:.1%}.")
     lines.append("")
-  rates = {r["shape"]: 2 * gram_flops(r["config"]) / r["layer_cpu_seconds"] for r in rows}
-  lines.append("**FLOP model** (Gram 2mnk + eigh ~9k^3 + Rayleigh-Ritz 2mn(r+32) per weight, k = min(m, n)): "
-               + "; ".join(f"{name}: {2 * gram_flops(dict(cfg, _name_or_path=''))/ 1e12:.2f} TFLOP per layer "
-                           f"(2 models)" + (f", measured {rates[name] / 1e9:.1f} GFLOP per CPU-second"
-                                           if name in rates else "")
-                           for name, cfg in SHAPES.items()) + ".")
-  best = max(rates.values())
-  for name, cfg in SHAPES.items():
-    flops = 2 * gram_flops(dict(cfg, _name_or_path="")) * cfg["num_hidden_layers"]
-    lines.append(f"- {name} at full depth ({cfg['num_hidden_layers']} layers, both models): {flops / 1e15:.3f} PFLOP "
-                 f"= {flops / best / 3600:.2f} CPU-hours at the best measured rate ({best / 1e9:.1f} GFLOP/CPU-s), "
-                 f"{flops / 85e9 / 3600:.2f} h of wall time at the ~85 GFLOP/s a quiet 2-core run reaches.")
-  lines.append("")
+  lines += flop_model_lines(rows)
   big = [r for r in rows if r["shape"] == "70b"]
   if big:
     r = big[0]
