@@ -160,9 +160,12 @@ def run_arm(name: str, args, state: dict[str, Any]) -> dict[str, Any]:
 
 
 def arm_label(rec: dict[str, Any]) -> str:
-  """The arm's name, with its seed when it is not the default one (repeats of an arm differ only there)."""
-  seed = rec["report"]["config"].get("seed", 0)
-  return rec["arm"] if not seed else f"{rec['arm']} (seed {seed})"
+  """The arm's name, with its seed and budget where they are not the default ones."""
+  from crosslora_jax.refine import RefineConfig
+  config, default = rec["report"]["config"], RefineConfig()
+  notes = [f"seed {config['seed']}"] if config.get("seed", 0) else []
+  notes += [f"{config[k]} {k}" for k in ("tokens", "steps") if config.get(k, getattr(default, k)) != getattr(default, k)]
+  return rec["arm"] if not notes else f"{rec['arm']} ({', '.join(notes)})"
 
 
 def table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:

@@ -128,7 +128,8 @@ def heldout_metrics(lp: np.ndarray, data: StudentData) -> dict[str, float]:
   learn = data.learn
   change = (lp - data.base_lp)[learn]
   teacher = data.target[learn]
-  weights = (data.weights * learn)[learn] if data.weights is not None else np.ones_like(teacher)
+  # Reward advantages are signed: the selected tokens are the ones it raises.
+  weights = np.maximum(data.weights * learn, 0.0)[learn] if data.weights is not None else np.ones_like(teacher)
   spread = change.std() * teacher.std()
   agreement = float(np.mean((change - change.mean()) * (teacher - teacher.mean())) / spread) if spread > 0 else 0.0
   return {"delta_error": float(np.mean((change - teacher) ** 2)), "agreement": agreement,
