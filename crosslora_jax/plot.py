@@ -12,14 +12,12 @@ REPORT.json FILE.png`` draws a saved ``--report``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import json
 import os
 import pathlib
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -94,23 +92,10 @@ def save(reports: Any, file: str | os.PathLike[str], *, extra: Sequence[Panel] =
 
 
 def write_png(file: str | os.PathLike[str], data: bytes) -> pathlib.Path:
-  """Writes rendered bytes to ``file`` atomically: a reader sees the old picture or the new one."""
-  path = pathlib.Path(file)
-  tmp = None
-  try:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=os.path.abspath(path.parent))
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except OSError as e:
-    if tmp is not None:
-      with contextlib.suppress(OSError):
-        os.unlink(tmp)
-    raise CrossLoraError(f"--plot: {path}: a complete write expected, got {e.strerror or e}. "
-                         "Free disk space or choose another path.") from None
-  return path
+  """Writes rendered bytes to ``file`` atomically (a reader sees the old picture or the new one); inside an
+  ``adapter_io.transaction`` it is swapped in with the run's other outputs."""
+  from crosslora_jax.formats import adapter_io  # pylint: disable=import-outside-toplevel
+  return adapter_io.write_bytes_atomic(file, data, overwrite=True, flag="--plot")
 
 
 def _label(name: str) -> str:

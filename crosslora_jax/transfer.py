@@ -179,9 +179,7 @@ def run() -> list[engine.TransferResult]:
   extra = refine_batch.plot_panels([r.report for r in results]) if refine_config is not None else ()
   picture = plot.render_png([r.report for r in results], extra=extra) if _PLOT.value else None  # before any writes
   if distributed.is_writer():
-    _commit(plan, names, results, config, cards=[_model_card(r, a) for r, a in zip(results, adapters)])
-    if picture is not None:
-      plot.write_png(_PLOT.value, picture)
+    _commit(plan, names, results, config, cards=[_model_card(r, a) for r, a in zip(results, adapters)], picture=picture)
     print("\n".join(r.report.text() for r in results))
     for written in filter(None, (_OUTPUT.value, _ORBAX_OUTPUT.value, _PLOT.value)):
       print(f"wrote {one_line(written)}")  # a path may hold a newline: one line each, here too
@@ -251,8 +249,8 @@ def _plan_paths(adapters: list[str]) -> _Plan:
 
 
 def _commit(plan: _Plan, names: list[str], results: list[engine.TransferResult],
-            config: engine.TransferConfig, *, cards: list[str]) -> None:
-  """Stages and verifies the adapter folder(s), the Orbax checkpoint and the report, then swaps all in."""
+            config: engine.TransferConfig, *, cards: list[str], picture: bytes | None) -> None:
+  """Stages and verifies the adapter folder(s), the Orbax checkpoint, the report and the plot, then swaps all in."""
   target_arch = engine.open_base(_TARGET.value).arch
   by_name = dict(zip(names, results))
   with adapter_io.transaction():
@@ -268,6 +266,8 @@ def _commit(plan: _Plan, names: list[str], results: list[engine.TransferResult],
       report_json = (results[0].report.to_json() if len(results) == 1 else
                      "[\n" + ",\n".join(r.report.to_json() for r in results) + "\n]")
       adapter_io.write_text_atomic(plan.report, report_json + "\n", overwrite=_OVERWRITE.value)
+    if picture is not None:
+      plot.write_png(_PLOT.value, picture)
 
 
 def adapters_in(folder: str) -> list[str]:

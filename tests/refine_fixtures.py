@@ -33,3 +33,25 @@ def make_model_folder(folder: pathlib.Path, kind: str, tokenizer_vocab: int, see
   vocab = write_tokenizer(folder, tokenizer_vocab)
   return make_model(kind, folder, seed=seed, vocab_size=vocab, bos_token_id=0, eos_token_id=1,
                     max_position_embeddings=256)
+
+
+# Runs the transfer CLI (argv[3:]) with a signal sent to itself at a chosen point of --refine distill:
+# argv[1] the signal's name, argv[2] "sampling" (the teacher's 3rd decode step) or "training" (the
+# student's 2nd held-back check, after step eval_every). The handlers are the CLI's own, as for a real kill.
+SIGNAL_RUNNER = """
+import os, signal, sys
+from crosslora_jax.lm import sample
+from crosslora_jax.refine import trainer
+signum, phase = getattr(signal, sys.argv[1]), sys.argv[2]
+module, name, at = (sample, "_decode_step", 3) if phase == "sampling" else (trainer, "_evaluate", 2)
+real, calls = getattr(module, name), []
+def signalled(*args, **kwargs):
+  calls.append(1)
+  if len(calls) == at:
+    os.kill(os.getpid(), signum)
+  return real(*args, **kwargs)
+setattr(module, name, signalled)
+sys.argv = ["crosslora_jax.transfer"] + sys.argv[3:]
+from crosslora_jax import transfer
+transfer.entry_point()
+"""

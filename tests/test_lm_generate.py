@@ -89,3 +89,64 @@ def test_bad_requests_are_refused_in_one_line(tiny):
     lm.generate(PROMPTS, max_new_tokens=4, max_cache_bytes=1000)
   with pytest.raises(CrossLoraError, match="prompt_ids"):
     lm.generate([[]], max_new_tokens=2)
+
+
+# --- the nucleus draw against a brute-force reference ---------------------------------------------
+
+
+def brute_force_nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+  """(V,) float64 probabilities -> (V,) bool: sort, keep while the mass before a token is below top_p."""
+  order = np.argsort(-probs, kind="stable")
+  before = np.cumsum(probs[order]) - probs[order]
+  keep = np.zeros(probs.shape, bool)
+  keep[order[before < top_p]] = True
+  return keep
+
+
+@pytest.mark.parametrize("vocab", [2, 7, 50, 300])
+def test_nucleus_is_the_smallest_set_reaching_top_p(vocab):
+  import jax
+  rng = np.random.default_rng(vocab)
+  logits = (rng.standard_normal((64, vocab)) * rng.uniform(0.3, 4.0, (64, 1))).astype(np.float32)
+  logits[:4, : vocab // 2] = -np.inf  # rows with impossible tokens
+  probs32 = np.asarray(jax.nn.softmax(logits, -1))
+  mask_fn = jax.jit(sample.nucleus_mask)
+  for top_p in (1e-6, 0.1, 0.5, 0.9, 0.95, 0.999):
+    ours = np.asarray(mask_fn(probs32, np.float32(top_p)))
+    for row in range(len(probs32)):
+      p = probs32[row].astype(np.float64)
+      order_mass = np.cumsum(np.sort(p)[::-1])
+      if np.min(np.abs(order_mass - top_p)) < 1e-5:
+        continue  # the cut sits on a float32 rounding of the mass: either side is right
+      np.testing.assert_array_equal(ours[row], brute_force_nucleus(p, top_p), err_msg=f"row {row} top_p {top_p}")
+
+
+def test_nucleus_draw_keeps_the_nucleus_and_its_frequencies():
+  import jax
+  import jax.numpy as jnp
+  probs = np.array([0.5, 0.3, 0.15, 0.05])
+  logits = jnp.log(jnp.asarray(np.tile(probs, (20000, 1)), jnp.float32))
+  draw = jax.jit(lambda key, t, p: sample.sample_token(logits, key, t, p, greedy=False, nucleus=True))
+  ids = np.asarray(draw(jax.random.PRNGKey(1), jnp.float32(1.0), jnp.float32(0.9)))
+  freq = np.bincount(ids, minlength=4) / len(ids)
+  assert freq[3] == 0  # outside the smallest set reaching 0.9
+  np.testing.assert_allclose(freq[:3], probs[:3] / 0.95, atol=0.015)
+  everything = sample.sample_token(logits, jax.random.PRNGKey(2), jnp.float32(1.0), jnp.float32(1.0), greedy=False,
+                                   nucleus=False)
+  np.testing.assert_allclose(np.bincount(np.asarray(everything), minlength=4) / len(ids), probs, atol=0.015)
+  hot = np.asarray(draw(jax.random.PRNGKey(3), jnp.float32(4.0), jnp.float32(1.0)))  # flatter at temperature 4
+  flat = probs ** 0.25 / (probs ** 0.25).sum()
+  np.testing.assert_allclose(np.bincount(hot, minlength=4) / len(ids), flat, atol=0.015)
+
+
+def test_temperature_zero_is_greedy(tiny):
+  import jax
+  import jax.numpy as jnp
+  logits = jnp.asarray(np.random.default_rng(0).standard_normal((16, 50)), jnp.float32)
+  picked = sample.sample_token(logits, jax.random.PRNGKey(0), jnp.float32(1e-6), jnp.float32(0.9), greedy=True,
+                               nucleus=True)
+  np.testing.assert_array_equal(np.asarray(picked), np.argmax(np.asarray(logits), -1))
+  _, lm = tiny
+  greedy = lm.generate(PROMPTS, max_new_tokens=8, eos_ids=[])
+  assert all(lm.generate(PROMPTS, max_new_tokens=8, eos_ids=[], temperature=0.0, top_p=p, seed=s) == greedy
+             for p, s in ((0.5, 1), (1.0, 2)))

@@ -121,6 +121,54 @@ def test_schedule_matches_the_torch_recipe():
   assert [round(float(constant(s)) / 1e-3, 6) for s in (0, 1, 3, 4, 19)] == [0.25, 0.5, 1.0, 1.0, 1.0]
 
 
+def test_warmup_cosine_is_optax_and_cosine_can_end_above_zero():
+  import optax
+  config = TrainConfig(steps=16, lr=1e-3, warmup=2, schedule="warmup_cosine", final_lr_fraction=0.1)
+  reference = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 2, 16, end_value=1e-4)
+  assert [float(make_schedule(config)(s)) for s in range(17)] == [float(reference(s)) for s in range(17)]
+  floor = make_schedule(TrainConfig(steps=10, lr=1.0, warmup=2, final_lr_fraction=0.25))
+  assert float(floor(2)) == pytest.approx(1.0) and float(floor(10)) == pytest.approx(0.25)
+  assert float(floor(6)) == pytest.approx(0.25 + 0.75 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
+
+
+def test_callback_sees_every_kth_step_and_keeps_the_run_unchanged():
+  x, y, w, lora = _toy_problem(seed=3)
+  config = TrainConfig(steps=7, batch=8, lr=0.02, schedule="constant", log_every=1)
+  plain = fit(_weighted_loss, lora, _sampler(x, y, w, config), config, progress=False)
+  seen, kept = [], {}
+
+  def between(step, lora_, loss):
+    seen.append((step, float(loss)))
+    kept[step] = jax.tree.map(jnp.copy, lora_)  # the live LoRA is donated to the next step
+
+  watched = fit(_weighted_loss, lora, _sampler(x, y, w, config), config, progress=False, callback=between,
+                callback_every=3)
+  assert [s for s, _ in seen] == [3, 6, 7]  # every 3rd step and the last
+  assert [l for _, l in seen] == [plain.losses[i - 1] for i in (3, 6, 7)]
+  assert watched.losses == plain.losses and not watched.stopped_early  # the optimizer state carried on
+  jax.tree.map(np.testing.assert_array_equal, kept[7], watched.lora)
+  short = fit(_weighted_loss, lora, _sampler(x, y, w, dataclasses.replace(config, steps=3)),
+              dataclasses.replace(config, steps=3), progress=False)
+  jax.tree.map(np.testing.assert_array_equal, kept[3], short.lora)
+
+
+def test_callback_stops_early_even_on_a_diverged_step():
+  x, y, w, lora = _toy_problem(seed=4)
+  config = TrainConfig(steps=10, batch=8, lr=0.02, log_every=1)
+  early = fit(_weighted_loss, lora, _sampler(x, y, w, config), config, progress=False,
+              callback=lambda step, _lora, _loss: step == 4)
+  assert len(early.losses) == 4 and early.stopped_early
+
+  def bad_loss(lora_, batch):
+    return _weighted_loss(lora_, batch)[0] * jnp.float32(np.inf)
+
+  stopped = fit(bad_loss, lora, _sampler(x, y, w, config), config, progress=False,
+                callback=lambda _step, _lora, loss: not np.isfinite(float(loss)))
+  assert len(stopped.losses) == 1 and stopped.stopped_early  # no "finite losses expected" error
+  with pytest.raises(CrossLoraError, match="callback_every"):
+    fit(_weighted_loss, lora, _sampler(x, y, w, config), config, progress=False, callback=print, callback_every=0)
+
+
 def test_optimizer_matches_torch_adamw_with_clipping():
   torch = pytest.importorskip("torch")
   rng = np.random.default_rng(0)
@@ -157,6 +205,7 @@ def test_optimizer_matches_torch_adamw_with_clipping():
     (dict(memory_budget_gb=-1.0), "TrainConfig.memory_budget_gb"),
     (dict(clip_norm=0.0), "TrainConfig.clip_norm"),
     (dict(warmup=-1), "TrainConfig.warmup"),
+    (dict(final_lr_fraction=1.5), "TrainConfig.final_lr_fraction"),
 ])
 def test_bad_config_is_one_line_naming_the_field(kwargs, field):
   with pytest.raises(CrossLoraError) as caught:

@@ -1,6 +1,7 @@
 """The README.md model card: front matter as PEFT and the Hub read it, deterministic body, verified, peft interop."""
 
 import dataclasses
+import pathlib
 import shutil
 
 import pytest
@@ -42,7 +43,7 @@ def test_body_names_inputs_method_options_and_the_caveat():
                "[org/target-base@v2](https://huggingface.co/org/target-base/tree/v2)",
                "| method | `cross_lora` |", "rank 8", "dtype bfloat16", "calibrate_norm off",
                "4 weights: q_proj ×2, v_proj ×2", "| subspace overlap (mean) | 0.250 |",
-               "## Quality: measured, not assumed", model_card.QUALITY_CAVEAT, f"({model_card.RESULTS_LINK})",
+               "## Quality: measured, not assumed", model_card.QUALITY_CAVEAT,
                'from_pretrained("org/target-base", revision="v2")', "### Framework versions"):
     assert want in text, want
   assert "/somewhere/cache" not in text  # execution knobs are not options of the result
@@ -107,3 +108,46 @@ def test_peft_loads_it_and_keeps_the_card_on_save(transferred, tmp_path):
   assert "## Quality: measured, not assumed" in resaved and f"- PEFT {peft.__version__}" in resaved
   assert all(line in resaved.splitlines() for line in ours.split("---\n", 2)[2].splitlines())  # our body kept
   read_adapter(tmp_path / "resaved")  # and it is still an adapter crosslora_jax reads
+
+
+def refine_section(shipped="refined", cache="miss", seconds=12.0):
+  """A refine report of the shape refine.pipeline writes."""
+  from crosslora_jax.refine import RefineConfig
+  config = {k: v for k, v in dataclasses.asdict(RefineConfig(steps=4, eval_every=2)).items() if k != "cache_dir"}
+  return {"corpus": {"cache": cache, "samples": 64, "teacher_tokens": 6100}, "init": "projection", "rank": 16,
+          "alpha": 32.0, "target_modules": ["q_proj"], "config": config, "losses": [2.0, 1.9, 1.8, 1.7],
+          "tokens": {"selected_tokens": 1500, "learnable_tokens": 5000, "train_samples": 56, "heldout_samples": 8,
+                     "student_tokens": 6000, "length": 112},
+          "heldout": [{"step": 0, "agreement": 0.1}, {"step": 2, "agreement": 0.25}, {"step": 4, "agreement": 0.2}],
+          "best_step": 2 if shipped == "refined" else 0, "shipped": shipped,
+          "guard": "held-back agreement improved at step 2" if shipped == "refined" else "no evaluated step improved",
+          "seconds": {"teacher": seconds, "train": seconds, "total": 2 * seconds}}
+
+
+def test_the_card_says_what_the_refine_ran_what_it_checked_and_what_shipped():
+  plain = model_card.render(make_report(), base_model="org/target-base")
+  assert "## Refine by distillation" not in plain and "without data or training" in plain
+  report = dataclasses.replace(make_report(), refine=refine_section())
+  text = model_card.render(report, base_model="org/target-base")
+  for want in ("## Refine by distillation", "then refined by distillation on text the source model wrote",
+               "64 samples of up to 96 tokens", "r 16, alpha 32", "started from the projection",
+               "4 steps x 4 samples at lr 0.001", "(1500 of 5000)", "`agreement` on 8 teacher samples",
+               "step 0: 0.100, step 2: 0.250, step 4: 0.200", "| shipped | refined (held-back agreement improved"):
+    assert want in text, want
+  again = dataclasses.replace(make_report(), refine=refine_section(cache="hit", seconds=99.0))
+  assert model_card.render(again, base_model="org/target-base") == text  # no cache status, no times
+  held = dataclasses.replace(make_report(), refine=refine_section(shipped="initial"))
+  held_text = model_card.render(held, base_model="org/target-base")
+  assert "its held-back check kept the projection" in held_text and "| shipped | initial" in held_text
+
+
+def test_results_links_are_absolute():
+  import re
+  text = model_card.render(dataclasses.replace(make_report(), refine=refine_section()), base_model="org/target-base")
+  links = re.findall(r"\]\(([^)]+)\)", text)
+  results = [link for link in links if link.endswith(("quality.md", "refine.md"))]
+  assert len(results) == 2, links
+  assert all(link.startswith(("https://", "file:///")) for link in results), results
+  for link in results:
+    if link.startswith("file://"):
+      assert pathlib.Path(link[len("file://"):]).is_file()  # a path the user has

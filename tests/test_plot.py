@@ -91,3 +91,21 @@ def test_plot_a_saved_report_from_the_command_line(report, tmp_path):
   r = subprocess.run([sys.executable, "-m", "crosslora_jax.plot", tmp_path / "bad.json", tmp_path / "b.png"],
                      capture_output=True, text=True, env=env, timeout=120)
   assert r.returncode == 2 and r.stderr.count("\n") == 1 and "a --report JSON file expected" in r.stderr
+
+
+def test_the_picture_is_swapped_in_with_the_other_outputs_of_a_transaction(report, tmp_path):
+  from crosslora_jax.formats import adapter_io
+  png, text = tmp_path / "t.png", tmp_path / "report.json"
+  png.write_bytes(b"old picture")
+  data = plot.render_png(report)
+  with pytest.raises(RuntimeError):  # a failure after the picture was staged: nothing changes
+    with adapter_io.transaction():
+      plot.write_png(png, data)
+      adapter_io.write_text_atomic(text, "{}\n")
+      raise RuntimeError("later step failed")
+  assert png.read_bytes() == b"old picture" and not text.exists()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["t.png"]  # no staged leftovers
+  with adapter_io.transaction():
+    plot.write_png(png, data)
+    assert png.read_bytes() == b"old picture"  # staged, not yet swapped in
+  assert png.read_bytes() == data

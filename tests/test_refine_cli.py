@@ -135,3 +135,34 @@ def test_a_target_without_tokenizer_is_refused_before_the_transfer(models, tmp_p
                      capture_output=True, text=True, env=env, timeout=300)
   assert r.returncode == 2 and "--target_model" in r.stderr and "tokenizer" in r.stderr, r.stderr
   assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+# Both signals take the CLI's one handler whatever the phase: each phase gets one of them (a run is ~30 s).
+@pytest.mark.parametrize("phase, sig", [("sampling", "SIGTERM"), ("training", "SIGINT")])
+def test_a_signal_during_refine_leaves_existing_outputs_and_no_partial_cache(models, tmp_path, phase, sig):
+  import signal
+  from refine_fixtures import SIGNAL_RUNNER
+  old = {"out/OLD_MARKER": b"old adapter", "report.json": b'{"old": true}\n', "plot.png": b"old picture"}
+  for name, data in old.items():
+    (tmp_path / name).parent.mkdir(exist_ok=True)
+    (tmp_path / name).write_bytes(data)
+  corpus_cache = tmp_path / "corpus-cache"
+  env = dict(os.environ, PYTHONPATH=str(ROOT), CROSSLORA_CACHE=str(models / "cache"), HF_HUB_OFFLINE="1")
+  args = ("--source_model", models / "source", "--target_model", models / "target", "--adapter", models / "adapter",
+          "--rank", "8", "--noprogress", "--output", tmp_path / "out", "--report", tmp_path / "report.json",
+          "--plot", tmp_path / "plot.png", "--overwrite", "--refine", "distill", "--refine_cache_dir", corpus_cache,
+          *BUDGET)
+  r = subprocess.run([sys.executable, "-c", SIGNAL_RUNNER, sig, phase, *map(str, args)], capture_output=True,
+                     text=True, env=env, timeout=300)
+  assert r.returncode == 128 + getattr(signal, sig), r.stderr
+  assert r.stderr.strip().splitlines() == [f"error: interrupted by {sig}"], r.stderr
+  found = {str(p.relative_to(tmp_path)): p.read_bytes() for p in tmp_path.rglob("*")
+           if p.is_file() and not p.is_relative_to(corpus_cache)}
+  assert found == old  # every existing output untouched, no temporary sibling left
+  assert {p.name for p in tmp_path.iterdir()} - {"corpus-cache"} == {"out", "plot.png", "report.json"}
+  entries = sorted(p.name for p in corpus_cache.rglob("*")) if corpus_cache.exists() else []
+  if phase == "sampling":
+    assert entries == []  # the teacher's text was never finished: no cache entry, no temporary file
+  else:
+    assert len(entries) == 1 and entries[0].endswith(".json") and not entries[0].startswith(".")
+    assert json.loads((corpus_cache / entries[0]).read_text())["payload"]["texts"]  # whole, not half-written

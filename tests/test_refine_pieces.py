@@ -210,18 +210,3 @@ def test_student_learns_only_the_continuation_under_its_own_template():
   # Every teacher score sits on the continuation, so the student's carried scores add up to it.
   np.testing.assert_allclose(data.target[0].sum(), sum(scores), rtol=1e-6)
   assert not data.target[0, :n - 1][~np.asarray(expected_learn)].any()
-
-
-def test_nucleus_draw_keeps_the_nucleus_and_its_frequencies():
-  import jax
-  import jax.numpy as jnp
-  from crosslora_jax.refine.sampling import _pick
-  probs = np.array([0.5, 0.3, 0.15, 0.05])
-  logits = jnp.log(jnp.asarray(np.tile(probs, (20000, 1)), jnp.float32))
-  ids = np.asarray(jax.jit(lambda key: _pick(logits, key, 1.0, 0.9))(jax.random.PRNGKey(1)))
-  freq = np.bincount(ids, minlength=4) / len(ids)
-  assert freq[3] == 0  # outside the smallest set reaching 0.9
-  np.testing.assert_allclose(freq[:3], probs[:3] / 0.95, atol=0.015)
-  everything = np.asarray(jax.jit(lambda key: _pick(logits, key, 1.0, 1.0))(jax.random.PRNGKey(2)))
-  np.testing.assert_allclose(np.bincount(everything, minlength=4) / len(ids), probs, atol=0.015)
-  assert (np.asarray(_pick(logits[:3], jax.random.PRNGKey(0), 0.0, 0.9)) == 0).all()  # greedy

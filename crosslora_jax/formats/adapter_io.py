@@ -299,17 +299,23 @@ def _dispose(old: pathlib.Path, folder: pathlib.Path) -> None:
 def write_text_atomic(file: str | os.PathLike[str], text: str, *, overwrite: bool = True,
                       flag: str = "--report") -> pathlib.Path:
   """Writes a small text file (the report) via a temporary sibling swapped in at the end."""
+  return write_bytes_atomic(file, text.encode("utf-8"), overwrite=overwrite, flag=flag)
+
+
+def write_bytes_atomic(file: str | os.PathLike[str], data: bytes, *, overwrite: bool = True,
+                       flag: str = "--report") -> pathlib.Path:
+  """Writes a small file (a report, a picture) via a temporary sibling swapped in at the end (or the transaction's)."""
   file = check_output_path(file, overwrite=overwrite, flag=flag, kind="file")
   tmp = None
   try:
     fd, name = tempfile.mkstemp(prefix=f".{file.name}.tmp-{os.getpid()}-", dir=parent_of(file))
     tmp = pathlib.Path(name)
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
       f.flush()
       os.fsync(f.fileno())
-    if tmp.read_text() != text:
-      raise CrossLoraError(f"{file}: output verification failed: the text written does not read back. "
+    if tmp.read_bytes() != data:
+      raise CrossLoraError(f"{file}: output verification failed: the bytes written do not read back. "
                            "Nothing was written; please report this as a bug.")
     _finish(tmp, file)
   except BaseException as e:

@@ -19,8 +19,10 @@ from collections.abc import Mapping
 from typing import Any
 
 FILE = "README.md"
-# Where the measurements behind QUALITY_CAVEAT live (in the crosslora_jax repository).
+# Where the measurements behind QUALITY_CAVEAT live, relative to the crosslora_jax repository; the card
+# links them absolutely (results_link).
 RESULTS_LINK = "results/quality.md"
+REFINE_RESULTS_LINK = "results/refine.md"
 QUALITY_CAVEAT = (
     "Measured on real models (SmolLM2-135M, Qwen2.5-Coder-0.5B and 1.5B, Gemma-3-270M; held-out "
     "next-token loss), no data-free method of crosslora_jax improved a target of another family: "
@@ -101,7 +103,7 @@ def _body(r: Mapping[str, Any], names: Mapping[str, str], base_model: str) -> st
   config, summary = r["config"], r["summary"]
   method = config["method"]
   lines = [f"# {pathlib.PurePosixPath(names['adapter'].split('@')[0]).name} on {_short(base_model)}", "",
-           f"A LoRA adapter for {_link(names['target'])}, moved without data or training from the adapter "
+           f"A LoRA adapter for {_link(names['target'])}, moved {_how(r)} from the adapter "
            f"{_link(names['adapter'])} of {_link(names['source'])} by crosslora_jax "
            f"(`{method}`: {_METHODS.get(method, method)}).",
            "", "## Transfer", "", "| | |", "|---|---|",
@@ -119,8 +121,9 @@ def _body(r: Mapping[str, Any], names: Mapping[str, str], base_model: str) -> st
            f"| relative update ‖ΔW‖/‖W‖ (mean, source / target) | {_num(summary.get('mean_relative_update_source'))} / "
            f"{_num(summary.get('mean_relative_update_target'))} |", ""]
   lines += _skipped(r["skipped"])
-  lines += ["## Quality: measured, not assumed", "", QUALITY_CAVEAT + f" The measurements: [`{RESULTS_LINK}`]"
-            f"({RESULTS_LINK}) in the crosslora_jax repository.", "",
+  lines += _refine(r["refine"]) if r.get("refine") else []
+  lines += ["## Quality: measured, not assumed", "", QUALITY_CAVEAT + f" The measurements: {results_link(RESULTS_LINK)}.",
+            "",
             "## How to use", "", "```python", "from peft import PeftModel",
             "from transformers import AutoModelForCausalLM", "",
             f"base = AutoModelForCausalLM.from_pretrained({_from_pretrained_args(names['target'], base_model)})",
@@ -187,3 +190,51 @@ def _skipped(skipped: list[Mapping[str, Any]]) -> list[str]:
     shown = ", ".join(f"`{k}`" for k in keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
     lines.append(f"- {len(keys)}: {reason} ({shown})")
   return lines + [""]
+
+
+def results_link(relative: str) -> str:
+  """An absolute link to a results file: the project's URL from the installed package's metadata when it has
+  one, else the file in this installation's source tree (a path the user has), else its name in the repository."""
+  import importlib.metadata
+  try:
+    urls = importlib.metadata.metadata("crosslora_jax").get_all("Project-URL") or []
+  except importlib.metadata.PackageNotFoundError:
+    urls = []
+  for entry in urls:  # "Label, https://host/owner/repo"
+    url = entry.split(",", 1)[-1].strip().rstrip("/")
+    if url.startswith("https://github.com/"):
+      return f"[{relative}]({url}/blob/main/{relative})"
+  file = pathlib.Path(__file__).resolve().parents[2] / relative
+  if file.is_file():
+    return f"[{file}]({file.as_uri()})"
+  return f"`{relative}` in the crosslora_jax source repository"
+
+
+def _how(r: Mapping[str, Any]) -> str:
+  refine = r.get("refine")
+  if not refine:
+    return "without data or training"
+  if refine["shipped"] != "refined":
+    return "without user data (a distillation refine ran, but its held-back check kept the projection)"
+  return "without user data, then refined by distillation on text the source model wrote"
+
+
+def _refine(refine: Mapping[str, Any]) -> list[str]:
+  """The refine stage: what ran, the held-back check, what shipped (deterministic fields only: no cache, no times)."""
+  config, corpus, tokens = refine["config"], refine["corpus"], refine["tokens"]
+  check = config["check"]
+  evals = {e["step"]: e[check] for e in refine["heldout"]}
+  selected = f"top {config['fraction']:g}" if config["selection"] == "topk" else config["selection"]
+  checks = ", ".join(f"step {step}: {_num(value)}" for step, value in evals.items())
+  return ["## Refine by distillation", "", "| | |", "|---|---|",
+          f"| teacher | source base + the source adapter, {corpus['samples']} samples of up to "
+          f"{config['sample_tokens']} tokens (temperature {config['temperature']:g}, top-p {config['top_p']:g}, "
+          f"seed {config['seed']}), {corpus['teacher_tokens']} tokens |",
+          f"| student | the target base + a LoRA (r {refine['rank']}, alpha {refine['alpha']:g}), started from "
+          f"the {refine['init']} |",
+          f"| training | {len(refine['losses'])} steps x {config['batch']} samples at lr {config['lr']:g}, loss "
+          f"`{config['loss']}` on the {selected} tokens by adapter score ({tokens['selected_tokens']} of "
+          f"{tokens['learnable_tokens']}), anchor {config['anchor']:g} |",
+          f"| held-back check | `{check}` on {tokens['heldout_samples']} teacher samples never trained on: {checks} |",
+          f"| shipped | {refine['shipped']} ({refine['guard']}) |", "",
+          f"The refine's own measurements: {results_link(REFINE_RESULTS_LINK)}.", ""]

@@ -34,9 +34,10 @@ import optax
 
 from crosslora_jax.errors import CrossLoraError, collect_and_raise
 
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "warmup_cosine")
 Batch = dict[str, Any]  # {"ids": (B, T) int32, "weights": (B, T) float32, ...}; leaves share the leading B axis
 LossFn = Callable[..., Any]  # (lora, batch[, params]) -> scalar or (numerator, denominator)
+StepCallback = Callable[[int, Any, Any], Any]  # (step (1-based), lora after it, its loss (device scalar)) -> stop?
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,8 @@ class TrainConfig:
   batch: int = 8  # sequences per optimizer step, all microbatches together
   lr: float = 1e-4
   warmup: int | None = None  # linear warm-up steps; None = max(1, steps // 10)
-  schedule: str = "cosine"  # after warm-up: "cosine" decay to 0, or "constant"
+  schedule: str = "cosine"  # after warm-up: "cosine" decay, or "constant"; "warmup_cosine": optax's, from lr 0
+  final_lr_fraction: float = 0.0  # the cosine schedules end at lr * final_lr_fraction
   weight_decay: float = 0.0
   clip_norm: float | None = 1.0  # global gradient-norm clip; None = off
   grad_accum: int = 1  # microbatches per step; batch must divide by it
@@ -75,6 +77,8 @@ class TrainConfig:
     if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
       problems.append(f"TrainConfig.memory_budget_gb: a positive number of GB or None expected, "
                       f"got {self.memory_budget_gb!r}")
+    if not 0 <= self.final_lr_fraction <= 1:
+      problems.append(f"TrainConfig.final_lr_fraction: a number in [0, 1] expected, got {self.final_lr_fraction!r}")
     if self.weight_decay < 0:
       problems.append(f"TrainConfig.weight_decay: a number >= 0 expected, got {self.weight_decay!r}")
     if not problems and self.batch % self.grad_accum:
@@ -87,12 +91,16 @@ class TrainConfig:
 
 
 def make_schedule(config: TrainConfig) -> optax.Schedule:
-  """lr · factor(step): (step + 1) / warmup during warm-up, then cosine to 0 or constant.
+  """lr · factor(step): (step + 1) / warmup during warm-up, then cosine to ``final_lr_fraction`` or constant.
 
   The same factor as torch's LambdaLR in the repository's torch recipe, so the
-  first step already moves (lr / warmup) and the last cosine step is near 0.
+  first step already moves (lr / warmup) and the last cosine step is near the end
+  value. ``"warmup_cosine"`` is ``optax.warmup_cosine_decay_schedule`` instead: lr 0
+  at step 0, linear to lr at step ``warmup``, cosine to lr · final_lr_fraction at ``steps``.
   """
-  warmup, steps, peak = config.warmup_steps, config.steps, config.lr
+  warmup, steps, peak, final = config.warmup_steps, config.steps, config.lr, config.final_lr_fraction
+  if config.schedule == "warmup_cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, steps, end_value=final * peak)
 
   def schedule(count):
     count = jnp.asarray(count, jnp.float32)
@@ -100,7 +108,8 @@ def make_schedule(config: TrainConfig) -> optax.Schedule:
     if config.schedule == "constant":
       after = jnp.ones_like(count)
     else:
-      after = 0.5 * (1.0 + jnp.cos(jnp.pi * (count - warmup) / max(1, steps - warmup)))
+      cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * (count - warmup) / max(1, steps - warmup)))
+      after = cosine if final == 0 else final + (1.0 - final) * cosine
     return peak * jnp.where(count < warmup, ramp, after)
 
   return schedule
@@ -172,9 +181,10 @@ class FitResult:
   lora: Any
   losses: list[float]  # the loss of each step, before its update
   grad_norms: list[float]  # before clipping
-  seconds: float  # the steps, compile excluded
+  seconds: float  # the steps and callbacks, compile excluded
   compile_seconds: float
   memory_bytes: int  # the compiled step's argument + output + temporary buffers
+  stopped_early: bool = False  # the callback ended the loop before config.steps
 
 
 _COMPILED: dict[Hashable, tuple[Any, int]] = {}  # (step key, argument avals) -> (executable, bytes)
@@ -218,7 +228,8 @@ def _compile(make_step: Callable[[], Callable], key: Hashable | None, args: tupl
 
 def fit(loss_fn: LossFn, lora: Any, next_batch: Callable[[int], Batch], config: TrainConfig, *,
         params: Any = None, progress: bool = True, description: str = "train",
-        step_key: Hashable | None = None) -> FitResult:
+        step_key: Hashable | None = None, callback: StepCallback | None = None,
+        callback_every: int = 1) -> FitResult:
   """The training loop over any differentiable ``loss_fn(lora, batch[, params])``.
 
   ``next_batch(step)`` returns the full batch of that step (numpy or jax leaves
@@ -226,7 +237,15 @@ def fit(loss_fn: LossFn, lora: Any, next_batch: Callable[[int], Batch], config: 
   a 3-argument ``loss_fn`` as a jit argument. ``lora`` is not modified.
   ``step_key``: a hashable that fixes ``loss_fn``'s maths (not an object holding
   arrays); runs with equal keys, optimizer settings and shapes share one compile.
+  ``callback(step, lora, loss)`` runs between steps, every ``callback_every`` steps
+  and after the last (``step`` counts from 1; ``loss`` is that step's, a device
+  scalar): the place to evaluate or checkpoint without resetting the optimizer. A
+  true return ends the loop after that step (``stopped_early``); the loop's own
+  finite-loss check runs after it, so a callback may stop on a diverged step. The
+  ``lora`` it gets is donated to the next step: keep a copy (``jnp.copy`` per leaf).
   """
+  if isinstance(callback_every, bool) or not isinstance(callback_every, int) or callback_every < 1:
+    raise CrossLoraError(f"callback_every: a positive integer expected, got {callback_every!r}. Fix the value.")
   three = _takes_params(loss_fn)
   loss = loss_fn if three else (lambda lora_, batch_, _params: loss_fn(lora_, batch_))
   optimizer = make_optimizer(config)
@@ -237,7 +256,7 @@ def fit(loss_fn: LossFn, lora: Any, next_batch: Callable[[int], Batch], config: 
       config, seed=0, log_every=1, memory_budget_gb=None))  # the fields that shape the compiled step
   step, compile_seconds, used = _compile(lambda: make_train_step(loss, optimizer, config.grad_accum), step_key,
                                          (lora, opt_state, params, first), config)
-  losses, norms = [], []
+  losses, norms, stopped = [], [], False
   bar = _progress_bar(config.steps, description, progress)
   start = time.perf_counter()
   try:
@@ -246,6 +265,11 @@ def fit(loss_fn: LossFn, lora: Any, next_batch: Callable[[int], Batch], config: 
       lora, opt_state, value, norm = step(lora, opt_state, params, batch)
       losses.append(value)
       norms.append(norm)
+      if callback is not None and ((index + 1) % callback_every == 0 or index + 1 == config.steps):
+        stopped = bool(callback(index + 1, lora, value))
+        if stopped:
+          bar.update(1)
+          break
       if (index + 1) % config.log_every == 0 or index + 1 == config.steps:
         recent = np.asarray(jax.device_get(losses[-config.log_every:]), np.float64)
         if not np.isfinite(recent).all():
@@ -259,7 +283,7 @@ def fit(loss_fn: LossFn, lora: Any, next_batch: Callable[[int], Batch], config: 
   seconds = time.perf_counter() - start
   return FitResult(lora=lora, losses=[float(v) for v in jax.device_get(losses)],
                    grad_norms=[float(v) for v in jax.device_get(norms)], seconds=seconds,
-                   compile_seconds=compile_seconds, memory_bytes=used)
+                   compile_seconds=compile_seconds, memory_bytes=used, stopped_early=stopped)
 
 
 def _device_batch(batch: Batch, config: TrainConfig) -> Batch:

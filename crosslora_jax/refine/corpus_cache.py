@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the teacher samples with lm.sample (exact nucleus, its key schedule)
 
 
 def adapter_hash(adapter: Any) -> str:

@@ -1,18 +1,16 @@
-"""The student's training loop: AdamW on the LoRA factors, held-back checks, best step kept.
+"""The student's training: ``lm.loop.fit`` on refine's loss, held-back checks between steps, best step kept.
 
-A loop of its own rather than ``lm.train.train_lora``: the stopping rule needs the
-held-back check between steps without resetting the optimizer state.
+The checks run in fit's between-steps callback, so the optimizer state carries on
+across them; a check's LoRA is copied (fit donates the live one to the next step).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import numpy as np
 
-from crosslora_jax.progress import ProgressBar
 from crosslora_jax.refine import runtime, student
 from crosslora_jax.refine.config import CHECKS, RefineConfig
 
@@ -41,54 +39,53 @@ def _evaluate(target: Any, lora: Any, spec: Any, held: student.StudentData, batc
   return {"step": step, **student.heldout_metrics(lp, held)}
 
 
-@functools.lru_cache(maxsize=8)
-def _train_step(cfg: Any, spec: Any, loss: str, anchor: float, lr: float, warmup: int, steps: int, clip: float = 0.2):
-  """(optimizer, jitted step): one compilation per target and recipe, reused by later adapters."""
-  import jax
-  import optax
+def train_config(config: RefineConfig) -> Any:
+  """The refine budget as an ``lm.loop.TrainConfig``: AdamW (no decay), clip 1, optax warm-up + cosine to lr/10."""
+  from crosslora_jax.lm.loop import TrainConfig
+  warmup = min(config.warmup, config.steps - 1) if config.steps > 1 else 0
+  return TrainConfig(steps=config.steps, batch=config.batch, lr=config.lr, warmup=warmup, schedule="warmup_cosine",
+                     final_lr_fraction=0.1, weight_decay=0.0, clip_norm=1.0, seed=config.seed,
+                     log_every=min(10, config.steps))
 
-  loss_fn = student.make_loss(cfg, spec, loss=loss, anchor=anchor, clip=clip)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, steps - 1) if steps > 1 else 0, steps,
-                                                end_value=0.1 * lr)
-  optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
 
-  @jax.jit
-  def step_fn(lora, state, params, batch):
-    value, grads = jax.value_and_grad(loss_fn)(lora, batch, params)
-    updates, state = optimizer.update(grads, state, lora)
-    return optax.apply_updates(lora, updates), state, value
+class _Checks:
+  """fit's callback: stops on a diverged step, runs the held-back check every ``eval_every`` steps."""
 
-  return optimizer, step_fn
+  def __init__(self, target: Any, lora0: Any, spec: Any, held: student.StudentData, config: RefineConfig):
+    self.target, self.spec, self.held, self.config = target, spec, held, config
+    self.sign = CHECKS[config.check]
+    self.evals = [_evaluate(target, lora0, spec, held, config.batch, 0)]
+    self.best_value, self.best_step, self.best_lora = self.sign * self.evals[0][config.check], 0, lora0
+    self.checkpoints = [(0, lora0)]
+
+  def __call__(self, step: int, lora: Any, loss: Any) -> bool:
+    import jax
+    import jax.numpy as jnp
+    if not np.isfinite(float(loss)):
+      return True  # a diverged run: the best step so far (or the initial adapter) stands
+    if step % self.config.eval_every and step != self.config.steps:
+      return False
+    kept = jax.tree.map(jnp.copy, lora)
+    self.evals.append(_evaluate(self.target, kept, self.spec, self.held, self.config.batch, step))
+    self.checkpoints.append((step, kept))
+    value = self.sign * self.evals[-1][self.config.check]
+    if np.isfinite(value) and value > self.best_value:
+      self.best_value, self.best_step, self.best_lora = value, step, kept
+    return False
 
 
 def train_student(target: Any, lora0: Any, spec: Any, train: student.StudentData, held: student.StudentData,
                   config: RefineConfig, *, progress: bool) -> TrainOutcome:
-  import jax.numpy as jnp
-
-  optimizer, step_fn = _train_step(target.config, spec, config.loss, config.anchor, config.lr,
-                                   config.warmup, config.steps, config.clip)
-  lora, state = lora0, optimizer.init(lora0)
-  sign = CHECKS[config.check]
-  evals = [_evaluate(target, lora0, spec, held, config.batch, 0)]
-  best_value, best_step, best_lora = sign * evals[0][config.check], 0, lora0
-  losses: list[float] = []
-  checkpoints = [(0, lora0)]
-  bar = ProgressBar() if progress else None
-  for step, index in enumerate(_batches(len(train.ids), config.batch, config.steps, config.seed), 1):
-    batch = {k: jnp.asarray(v) for k, v in train.batch(index).items()}
-    lora, state, loss = step_fn(lora, state, target.params, batch)
-    losses.append(float(loss))
-    if not np.isfinite(losses[-1]):
-      break  # a diverged run: the best step so far (or the initial adapter) stands
-    if step % config.eval_every == 0 or step == config.steps:
-      evals.append(_evaluate(target, lora, spec, held, config.batch, step))
-      checkpoints.append((step, lora))
-      value = sign * evals[-1][config.check]
-      if np.isfinite(value) and value > best_value:
-        best_value, best_step, best_lora = value, step, lora
-    if bar:
-      bar("refine (student training)", step, config.steps)
-  if not config.guard and best_step == 0 and np.isfinite(losses[-1] if losses else np.nan):
-    best_lora, best_step = lora, len(losses)
-  return TrainOutcome(best_lora=best_lora, best_step=best_step, losses=losses, evals=evals, check=config.check,
-                      checkpoints=checkpoints)
+  from crosslora_jax.lm import loop
+  checks = _Checks(target, lora0, spec, held, config)
+  batches = _batches(len(train.ids), config.batch, config.steps, config.seed)
+  loss_fn = student.make_loss(target.config, spec, loss=config.loss, anchor=config.anchor, clip=config.clip)
+  result = loop.fit(loss_fn, lora0, lambda index: train.batch(batches[index]), train_config(config),
+                    params=target.params, progress=progress, description="refine (student training)",
+                    step_key=("refine.student", target.config, spec, config.loss, float(config.anchor), float(config.clip)),
+                    callback=checks)
+  best_lora, best_step = checks.best_lora, checks.best_step
+  if not config.guard and best_step == 0 and result.losses and np.isfinite(result.losses[-1]):
+    best_lora, best_step = result.lora, len(result.losses)
+  return TrainOutcome(best_lora=best_lora, best_step=best_step, losses=result.losses, evals=checks.evals,
+                      check=config.check, checkpoints=checks.checkpoints)
