@@ -226,7 +226,7 @@ def write_results(cache_dir: pathlib.Path, out: pathlib.Path, note: str) -> None
                 f"trained {v['trained_nll']:.3f} (results/quality.json), {v['blocks']} blocks" for k, v in bases.items()]
   commands = sorted({r["command"] for r in records})
   md = ["# Refine by distillation from the source model (issue 12)", "", f"Measured {meta['date']} on {meta['machine']}, "
-        f"{meta['cpus']} CPU cores (shared with other jobs), JAX CPU.", "", note, "", "Targets:", *base_lines, "",
+        f"{meta['cpus']} CPU cores (shared with other jobs), JAX CPU. Arms ran 2026-12-01 (the topk30 and null rows in the session before).", "", note, "", "Targets:", *base_lines, "",
         "Recovery = (base − arm) / (base − trained); s.e. is the paired standard error over blocks (the trained NLL's own "
         "uncertainty is not in it). Tokens kept = selected / learnable student tokens of the training samples.", "", text, "",
         "Every checked step (step 0 = the initial adapter; for a zero init, the base), with the held-back checks "
