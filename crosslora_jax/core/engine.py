@@ -134,6 +134,7 @@ class TransferRun:
   context: Any  # what the method's prepare() built (anchored: the Anchors), else None
   outputs: list[AdapterOutput]
   cache: SubspaceCache | None = None
+  seconds_project: float = 0.0  # the method's batched projections
 
 
 # The refine stage: called once after projection with the whole run; it may replace
@@ -365,6 +366,7 @@ def project_group(run: TransferRun, module: str, rank: int, subs: ChunkSubspaces
   proj, extras = run.method.project(batch)
   proj = jax.tree.map(np.asarray, proj)
   extras = extras or [[{} for _ in layout] for _ in members]
+  run.seconds_project += time.perf_counter() - t0
   seconds = (time.perf_counter() - t0) / len(members)
   for row, (n, items) in enumerate(members):
     adapter_proj = kernels.Projected(proj.a_ri[row], proj.b_or[row], proj.norm_ratio[row])
@@ -417,9 +419,19 @@ def build_results(run: TransferRun, *, seconds: float) -> list[TransferResult]:
         skipped=plan.skipped + [{"source_key": s["key"], "reason": s["reason"]} for s in adapter.skipped],
         layer_map=plan.layer_map, seconds=seconds,
         seconds_decompose=run.subspaces_source.seconds + run.subspaces_target.seconds,
+        timing=_timing(run, seconds),
         output_dtype=config.dtype or str(np.dtype(adapter.dtype)))
     results.append(TransferResult(new, report))
   return results
+
+
+def _timing(run: TransferRun, seconds: float) -> dict[str, float]:
+  """Where the engine's time went: waiting for weight reads (what prefetch did not hide), SVD kernels,
+  projections, and the rest (cache, planning, report)."""
+  subs = (run.subspaces_source, run.subspaces_target)
+  split = {"read": sum(s.seconds_read for s in subs), "decompose": sum(s.seconds_decompose for s in subs),
+           "project": run.seconds_project}
+  return {**split, "other": max(seconds - sum(split.values()), 0.0)}
 
 
 def _take(sub: kernels.Subspace, rows: Sequence[int]) -> kernels.Subspace:
