@@ -474,6 +474,7 @@ def nll_study(args: argparse.Namespace) -> dict[str, Any]:
   standard error over the held-out blocks (textdata.paired_se).
   """
   import bench_quality as bq
+  from crosslora_jax.core import compiles
   methods = args.nll_methods.split(",")
   bq.SUBSPACE_CACHE.append(pathlib.Path(args.workdir).expanduser() / "nll-subspaces")
   target = bq.Target("qwen05", args.blocks, args.threads)
@@ -481,10 +482,14 @@ def nll_study(args: argparse.Namespace) -> dict[str, Any]:
   per: dict[str, Any] = {}
   for method in ["exact"] + [m for m in methods if m != "exact"]:
     bq.SVD[0] = method
-    res, seconds = bq.transfer("smollm2", "qwen05", bq.EXAMPLE_ADAPTER, "cross_lora", RANK)
+    with compiles.count_compiles() as built:  # the first transfer of the process builds every program it needs
+      res, seconds = bq.transfer("smollm2", "qwen05", bq.EXAMPLE_ADAPTER, "cross_lora", RANK)
     mean, blocks, _ = target.nll(bq.update_from_adapter(res.adapter))
-    per[method] = {"nll": mean, "per_block": blocks.tolist(), "transfer_seconds": seconds}
-    print(f"[nll] {method}: {mean:.5f} (base {base:.5f}), transfer {seconds:.0f} s", file=sys.stderr, flush=True)
+    per[method] = {"nll": mean, "per_block": blocks.tolist(), "transfer_seconds": seconds,
+                   "programs_built": built.count, "compile_seconds": built.seconds,
+                   "timing": res.report.timing}
+    print(f"[nll] {method}: {mean:.5f} (base {base:.5f}), transfer {seconds:.0f} s, {built.count} programs built, "
+          f"timing {res.report.timing}", file=sys.stderr, flush=True)
   ex = np.asarray(per["exact"]["per_block"])
   for method, rec in per.items():
     rec["minus_exact"] = rec["nll"] - per["exact"]["nll"]

@@ -8,7 +8,6 @@ batch of layers at a time; :class:`WeightNorms` gives ‖W‖_F for the report.
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
@@ -44,7 +43,7 @@ class Subspaces:
     self.seconds_read = 0.0  # waiting for weights to be read and converted (not hidden by prefetch)
     self.seconds_decompose = 0.0  # the SVD kernels, host side of their results included
     self._reads: dict[tuple[str, int], concurrent.futures.Future] = {}  # (module, layer) -> weight being read
-    self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights")
+    self._reader: concurrent.futures.ThreadPoolExecutor | None = None  # one thread, made on the first prefetch
     self.computed = 0  # weights decomposed in this run
     self.loaded = 0  # weights taken from the cache
 
@@ -98,6 +97,8 @@ class Subspaces:
         continue
       if self.cache is not None and self.cache.path(self._entry_key(module, l, rank)).exists():
         continue
+      if self._reader is None:
+        self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights")
       self._reads[key] = self._reader.submit(self._read_weight, module, l)
 
   def _read_weight(self, module: str, layer: int) -> np.ndarray:
