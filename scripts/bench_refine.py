@@ -12,9 +12,10 @@ the target (its NLL from results/quality.json, same blocks and recipe):
   recovery = (NLL_base − NLL_arm) / (NLL_base − NLL_trained)
 
 The teacher never reads pydoc: it writes from its separator token. Arms differ in
-token selection, loss, anchor and initialisation; ``null`` is the default recipe
-with the source adapter removed (B = 0): what training on model-written text does
-by itself. Every arm's record (per-block NLL, refine report, seconds) is cached
+token selection, loss, anchor, writer and initialisation. Controls: ``null*`` arms
+remove the source adapter (B = 0): what training on model-written text does by
+itself; ``random-*`` arms replace it with random factors of the same rank and
+per-module ‖ΔW‖_F: what a change of the adapter's size in no learned direction does. Every arm's record (per-block NLL, refine report, seconds) is cached
 under --cache_dir, so runs can be split and resumed; results/refine.{md,json} are
 rebuilt from all records each time.
 """
@@ -43,15 +44,23 @@ import numpy as np  # noqa: E402
 from crosslora_bench import textdata, zoo  # noqa: E402
 from bench_quality import EXAMPLE_ADAPTER, MODELS  # noqa: E402
 
-ARMS: dict[str, dict[str, Any]] = {  # name -> RefineConfig overrides (+ "init": zero|projection, "null": bool)
-    "topk30": {},
-    "all": {"selection": "all"},
-    "weighted": {"selection": "weighted"},
-    "topk30-anchor": {"anchor": 1.0},
+ARMS: dict[str, dict[str, Any]] = {  # name -> RefineConfig overrides (+ "init": zero|projection, "null"/"random": bool)
     "delta": {"loss": "delta"},
-    "topk30-noguard": {"guard": False},
-    "null": {"null": True},
-    "projection+topk30": {"init": "projection"},
+    "projection+delta": {"loss": "delta", "init": "projection"},
+    "random-delta": {"loss": "delta", "random": True},
+    "topk30": {"loss": "nll", "selection": "topk", "fraction": 0.3},
+    "all": {"loss": "nll", "selection": "all"},
+    "weighted": {"loss": "nll", "selection": "weighted"},
+    "topk30-anchor": {"loss": "nll", "selection": "topk", "fraction": 0.3, "anchor": 1.0},
+    "topk30-noguard": {"loss": "nll", "selection": "topk", "fraction": 0.3, "guard": False},
+    "null": {"loss": "nll", "selection": "topk", "fraction": 0.3, "null": True},
+    "projection+topk30": {"loss": "nll", "selection": "topk", "fraction": 0.3, "init": "projection"},
+    "own-reward": {"writer": "target", "loss": "reward"},
+    "own-topk30": {"writer": "target", "loss": "nll", "selection": "topk", "fraction": 0.3},
+    "own-delta": {"writer": "target", "loss": "delta"},
+    "null-own-topk30": {"writer": "target", "loss": "nll", "selection": "topk", "fraction": 0.3, "null": True},
+    "null-own-reward": {"writer": "target", "loss": "reward", "null": True},
+    "projection+own-reward": {"writer": "target", "loss": "reward", "init": "projection"},
 }
 
 
@@ -63,6 +72,21 @@ def zero_adapter(adapter):
   """The source adapter with every B = 0: the null control's teacher is the source base itself."""
   from crosslora_jax.formats import peft_format
   modules = {p: peft_format.LoraPair(pair.a_ri, np.zeros_like(pair.b_or)) for p, pair in adapter.modules.items()}
+  return peft_format.PeftAdapter(dict(adapter.config), modules, path=None)
+
+
+def random_adapter(adapter, seed: int = 0):
+  """Gaussian factors of the source adapter's rank, each ΔW with the same Frobenius norm: the
+  random control's teacher changes the source as much as the adapter does, in no learned direction."""
+  from crosslora_jax.formats import peft_format
+  rng = np.random.default_rng(seed)
+  modules = {}
+  for path in sorted(adapter.modules):
+    pair = adapter.modules[path]
+    a, b = np.asarray(pair.a_ri, np.float32), np.asarray(pair.b_or, np.float32)
+    a_r, b_r = rng.standard_normal(a.shape).astype(np.float32), rng.standard_normal(b.shape).astype(np.float32)
+    b_r *= np.linalg.norm(b @ a) / max(np.linalg.norm(b_r @ a_r), 1e-30)
+    modules[path] = peft_format.LoraPair(a_r.astype(pair.a_ri.dtype), b_r.astype(pair.b_or.dtype))
   return peft_format.PeftAdapter(dict(adapter.config), modules, path=None)
 
 
@@ -86,7 +110,7 @@ def block_nll(target_lm, lora, spec, ids: np.ndarray) -> np.ndarray:
 def arm_config(name: str, args) -> tuple[Any, dict[str, Any]]:
   from crosslora_jax.refine import RefineConfig
   overrides = dict(ARMS[name])
-  extra = {k: overrides.pop(k) for k in ("init", "null") if k in overrides}
+  extra = {k: overrides.pop(k) for k in ("init", "null", "random") if k in overrides}
   budget = {k: getattr(args, k) for k in ("tokens", "sample_tokens", "steps", "batch", "lr", "seed", "eval_every") if getattr(args, k) is not None}
   return RefineConfig(**{**budget, **overrides, "cache_dir": str(pathlib.Path(args.cache_dir) / "corpus")}), extra
 
@@ -103,6 +127,8 @@ def run_arm(name: str, args, state: dict[str, Any]) -> dict[str, Any]:
   source_adapter = peft_format.read_adapter(EXAMPLE_ADAPTER)
   if extra.get("null"):
     source_adapter = zero_adapter(source_adapter)
+  if extra.get("random"):
+    source_adapter = random_adapter(source_adapter)
   init = None
   if extra.get("init") == "projection":
     from bench_quality import transfer
@@ -133,6 +159,12 @@ def run_arm(name: str, args, state: dict[str, Any]) -> dict[str, Any]:
           "command": " ".join(sys.argv)}
 
 
+def arm_label(rec: dict[str, Any]) -> str:
+  """The arm's name, with its seed when it is not the default one (repeats of an arm differ only there)."""
+  seed = rec["report"]["config"].get("seed", 0)
+  return rec["arm"] if not seed else f"{rec['arm']} (seed {seed})"
+
+
 def table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
   rows, lines = [], ["| pair | arm | NLL | Δ vs base (± s.e.) | recovery (± s.e.) | shipped | best step | tokens kept | refine s | eval s |",
                      "|---|---|---|---|---|---|---|---|---|---|"]
@@ -146,10 +178,11 @@ def table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) -> tu
     recovery, recovery_se = -delta / gain, delta_se / gain
     tokens = rec["report"]["tokens"]
     rows.append({**{k: rec[k] for k in ("pair", "arm", "refined", "refine_seconds", "eval_seconds", "peak_rss_gb")},
+                 "label": arm_label(rec),
                  "nll": float(arm.mean()), "delta": delta, "delta_se": delta_se, "recovery": recovery,
                  "recovery_se": recovery_se, "best_step": rec["report"]["best_step"], "tokens": tokens,
                  "heldout": rec["report"]["heldout"], "losses": rec["report"]["losses"], "config": rec["report"]["config"]})
-    lines.append(f"| {rec['pair']} | {rec['arm']} | {arm.mean():.3f} | {delta:+.3f} (± {delta_se:.3f}) | "
+    lines.append(f"| {rec['pair']} | {arm_label(rec)} | {arm.mean():.3f} | {delta:+.3f} (± {delta_se:.3f}) | "
                  f"{100 * recovery:.0f}% (± {100 * recovery_se:.0f}%) | {rec['report']['shipped']} | {rec['report']['best_step']} | "
                  f"{tokens['selected_tokens']}/{tokens['learnable_tokens']} | {rec['refine_seconds']:.0f} | {rec['eval_seconds']:.0f} |")
   return rows, "\n".join(lines)
@@ -171,7 +204,7 @@ def step_table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) 
       delta = float(arm.mean() - ref.mean())
       se = textdata.paired_se(arm, ref) if delta != 0.0 else 0.0
       e = checks.get(step, {})
-      lines.append(f"| {rec['pair']} | {rec['arm']} | {step} | {arm.mean():.3f} | {delta:+.3f} (± {se:.3f}) | "
+      lines.append(f"| {rec['pair']} | {arm_label(rec)} | {step} | {arm.mean():.3f} | {delta:+.3f} (± {se:.3f}) | "
                    f"{-100 * delta / gain:.0f}% | {e.get('agreement', float('nan')):.3f} | "
                    f"{e.get('delta_error', float('nan')):.3f} | {e.get('nll_selected', float('nan')):.3f} |")
   return "\n".join(lines)

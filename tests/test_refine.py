@@ -76,3 +76,26 @@ def test_a_model_without_tokenizer_is_one_line_before_any_work(models, tmp_path,
                    _config(models, cache_dir=str(tmp_path / "cache")), progress=False)
   assert "tokenizer" in str(info.value) and "\n" not in str(info.value)
   assert not (tmp_path / "cache").exists()  # nothing sampled, nothing cached
+
+
+def test_the_target_writes_and_the_reward_loss_learns_only_what_the_adapter_changed(models, tmp_path):
+  # writer="target": the student's own samples, scored by the teacher; the reward loss moves
+  # the student only where the adapter changed the source, so a zero adapter moves nothing.
+  config = _config(models, writer="target", loss="reward", guard=False, cache_dir=str(tmp_path / "cache"))
+  moved = refine_adapter(models / "source", models / "adapter", models / "target", None, config, progress=False)
+  assert moved.report["corpus"]["writer"] == "target" and moved.report["corpus"]["cache"] == "miss"
+  assert any(np.abs(pair.b_or).max() > 1e-5 for pair in moved.adapter.modules.values())
+  again = refine_adapter(models / "source", models / "adapter", models / "target", None, config, progress=False)
+  assert again.report["corpus"]["cache"] == "hit"
+  teacher_written = refine_adapter(models / "source", models / "adapter", models / "target", None,
+                                   _config(models, loss="reward", guard=False, cache_dir=str(tmp_path / "cache")),
+                                   progress=False)
+  assert teacher_written.report["corpus"]["cache"] == "miss"  # the two writers never share a cache entry
+
+  source = peft_format.read_adapter(models / "adapter")
+  zero = peft_format.PeftAdapter(dict(source.config), {p: peft_format.LoraPair(pair.a_ri, np.zeros_like(pair.b_or))
+                                                       for p, pair in source.modules.items()}, path=None)
+  for null_config in (config, _config(models, loss="delta", guard=False, cache_dir=str(tmp_path / "cache"))):
+    null = refine_adapter(models / "source", zero, models / "target", None, null_config, progress=False)
+    assert all(not np.any(pair.b_or) for pair in null.adapter.modules.values())  # the null control is the base
+    assert np.allclose(null.report["losses"], 0.0)

@@ -103,12 +103,15 @@ def refine_lines(refine: dict[str, Any]) -> list[str]:
   best = next((e for e in refine["heldout"] if e["step"] == refine["best_step"]), None)
   start = refine["heldout"][0] if refine["heldout"] else None
   selected = (f"{config['selection']} {config['fraction']:g}" if config["selection"] == "topk" else config["selection"])
+  if config.get("loss", "nll") != "nll":
+    selected = f"all, loss {config['loss']}"
   loss = f"{losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "n/a"
   at_best = (f"{check} {best[check]:.4f} at step {refine['best_step']} (start {start[check]:.4f})"
              if best is not None and start is not None else "n/a")
   seconds = ", ".join(f"{phase.replace('_', ' ')} {s:.1f}" for phase, s in refine["seconds"].items())
   return [
-      f"  refine distill (init {refine['init']}, r {refine['rank']}): teacher corpus {corpus['samples']} samples, "
+      f"  refine distill (init {refine['init']}, r {refine['rank']}): {corpus.get('writer', 'source')}-written corpus "
+      f"{corpus['samples']} samples, "
       f"{corpus['teacher_tokens']} tokens (cache {corpus['cache']})",
       f"  tokens kept {tokens['selected_tokens']} of {tokens['learnable_tokens']} ({selected}); "
       f"{tokens['train_samples']} samples trained on, {tokens['heldout_samples']} held back",

@@ -14,7 +14,7 @@ from absl import flags
 
 from crosslora_jax import outputs
 from crosslora_jax.errors import CrossLoraError
-from crosslora_jax.refine.config import CHECKS, LOSSES, RefineConfig
+from crosslora_jax.refine.config import CHECKS, LOSSES, WRITERS, RefineConfig
 from crosslora_jax.refine.prompts import read_prompts
 from crosslora_jax.refine.select import SELECTIONS
 
@@ -34,7 +34,7 @@ _FLAG_FIELDS = {  # flag name -> RefineConfig field
     "refine_top_p": "top_p", "refine_steps": "steps", "refine_batch": "batch", "refine_lr": "lr",
     "refine_seed": "seed", "refine_rank": "rank", "refine_alpha": "alpha", "refine_select": "selection",
     "refine_fraction": "fraction", "refine_loss": "loss", "refine_anchor": "anchor", "refine_check": "check",
-    "refine_eval_every": "eval_every",
+    "refine_eval_every": "eval_every", "refine_writer": "writer", "refine_clip": "clip",
 }
 flags.DEFINE_integer("refine_tokens", _DEFAULTS.tokens, "--refine distill: synthetic tokens the teacher writes in all "
                      "(samples = ceil(tokens / sample_tokens), a share held back for the checks).", **_INT)
@@ -57,8 +57,13 @@ flags.DEFINE_enum("refine_select", _DEFAULTS.selection, list(SELECTIONS), "--ref
                   "the student learns, by the adapter's score log p(source + adapter) - log p(source): topk (the "
                   "--refine_fraction highest), weighted (weight ~ max(score, 0)) or all.")
 flags.DEFINE_float("refine_fraction", _DEFAULTS.fraction, "--refine_select topk: share of tokens learned, in (0, 1].")
-flags.DEFINE_enum("refine_loss", _DEFAULTS.loss, list(LOSSES), "--refine distill: nll (learn the selected teacher "
-                  "tokens) or delta (match the student's log-prob change to the teacher's score on every token).")
+flags.DEFINE_enum("refine_loss", _DEFAULTS.loss, list(LOSSES), "--refine distill: delta (match the student's "
+                  "log-prob change against its base to the teacher's score, on every token), nll (learn the "
+                  "--refine_select tokens of the text) or reward (with --refine_writer target: raise the student's "
+                  "own tokens by their score, PPO-clipped at ratio 1 +- --refine_clip).")
+flags.DEFINE_enum("refine_writer", _DEFAULTS.writer, list(WRITERS), "--refine distill: who writes the text: source "
+                  "(source base + adapter) or target (the target base writes, source +- adapter score it).")
+flags.DEFINE_float("refine_clip", _DEFAULTS.clip, "--refine_loss reward: PPO clip of the probability ratio.")
 flags.DEFINE_float("refine_anchor", _DEFAULTS.anchor, "--refine_loss nll: weight of the squared log-prob change "
                    "against the target base on the tokens not selected (0 = off).")
 flags.DEFINE_enum("refine_check", _DEFAULTS.check, list(CHECKS), "--refine distill: held-back measure that picks the "

@@ -62,20 +62,35 @@ def _split(n: int, config: RefineConfig) -> tuple[np.ndarray, np.ndarray]:
   return np.sort(order[held:]), np.sort(order[:held])
 
 
+def advantages(scores: np.ndarray, learn: np.ndarray, train_rows: np.ndarray) -> np.ndarray:
+  """(N, T-1) scores centred by their mean over the training rows' learnable tokens (0 elsewhere).
+
+  A constant baseline leaves the expected policy gradient unchanged and removes the part
+  of the score every token shares; all-zero scores (an adapter that changes nothing) give 0.
+  """
+  baseline = float(scores[train_rows][learn[train_rows]].mean()) if learn[train_rows].any() else 0.0
+  return np.where(learn, scores - baseline, 0.0).astype(np.float32)
+
+
 def prepare_student(target: Any, corpus: teacher.Corpus, config: RefineConfig) -> tuple[student.StudentData, student.StudentData, dict]:
   """(train, held-back) student data with weights and the target base's log-probs filled in."""
   data = student.encode_corpus(corpus, target.tokenizer,
                                max_tokens=min(4 * config.sample_tokens + 64, target.config.max_positions))
   train_rows, held_rows = _split(len(corpus.texts), config)
   data.weights = np.zeros_like(data.target)
-  data.weights[train_rows] = token_weights(data.target[train_rows], data.learn[train_rows],
-                                           selection=config.selection, fraction=config.fraction)
-  # Held-back tokens are selected with the train threshold's rule on their own (same fraction).
-  data.weights[held_rows] = token_weights(data.target[held_rows], data.learn[held_rows],
-                                          selection=config.selection, fraction=config.fraction)
+  if config.loss == "reward":
+    data.weights = advantages(data.target, data.learn, train_rows)
+  elif config.loss == "delta":
+    data.weights = data.learn.astype(np.float32)  # every learnable token is matched
+  else:
+    data.weights[train_rows] = token_weights(data.target[train_rows], data.learn[train_rows],
+                                             selection=config.selection, fraction=config.fraction)
+    # Held-back tokens are selected with the train threshold's rule on their own (same fraction).
+    data.weights[held_rows] = token_weights(data.target[held_rows], data.learn[held_rows],
+                                            selection=config.selection, fraction=config.fraction)
   # The target base's log-probs: always on held-back rows (the check), on train rows only when
   # the loss reads them (a forward pass over the corpus on the biggest model costs minutes on CPU).
-  rows = np.arange(len(corpus.texts)) if (config.loss == "delta" or config.anchor > 0) else held_rows
+  rows = np.arange(len(corpus.texts)) if (config.loss != "nll" or config.anchor > 0) else held_rows
   data.base_lp = np.zeros_like(data.target)
   data.base_lp[rows] = runtime.batched_logprobs(target, None, None, data.ids[rows], data.real[rows], batch=config.batch,
                                                 progress=False, what="target base log-probs")
@@ -106,11 +121,16 @@ def refine_adapter(source_folder: Any, source_adapter: Any, target_folder: Any, 
   target = target_lm or runtime.load_lm(target_folder, None, config.dtype)
   target.tokenizer  # noqa: B018 - raises the one-line error for a target without a tokenizer
   lora0, spec, init_kind = _initial(target, init_adapter, source, config)
-  if source_lm is None and config.use_cache:
+  if config.writer == "target":
+    from crosslora_jax.refine.own_text import build_own_corpus
+    corpus, corpus_info = build_own_corpus(source_folder, source, target_folder, target, config, progress=progress,
+                                           source_lm=source_lm)
+  elif source_lm is None and config.use_cache:
     corpus, corpus_info = teacher.build_corpus(source_folder, source, config, progress=progress)
   else:
     source_lm = source_lm or runtime.load_lm(source_folder, source, config.dtype)
     corpus, corpus_info = teacher.build_corpus(source_folder, source, config, progress=progress, teacher=source_lm)
+  corpus_info.setdefault("writer", "source")
   phases["teacher"] = corpus_info["seconds"]
   t0 = time.perf_counter()
   train, held, tokens_info = prepare_student(target, corpus, config)

@@ -82,7 +82,7 @@ def encode_corpus(corpus: Any, tokenizer: Any, *, max_tokens: int) -> StudentDat
   return StudentData(ids, real, learn, target)
 
 
-def make_loss(cfg: Any, spec: Any, *, loss: str, anchor: float):
+def make_loss(cfg: Any, spec: Any, *, loss: str, anchor: float, clip: float = 0.2):
   """loss_fn(lora, batch, params) -> scalar, batch = :meth:`StudentData.batch` as jnp arrays.
 
   The base ``params`` are an argument, not a closure: a closed-over pytree would be
@@ -96,7 +96,17 @@ def make_loss(cfg: Any, spec: Any, *, loss: str, anchor: float):
     learn = batch["learn"].astype(jnp.float32)
     change = lp - batch["base_lp"]
     if loss == "delta":
-      return jnp.sum(learn * (change - batch["target"]) ** 2) / jnp.maximum(jnp.sum(learn), 1.0)
+      # A token the adapter left exactly unchanged (score 0) carries no signal; without this a
+      # null teacher would train on float noise in `change`, which Adam scales up to full steps.
+      matched = learn * (batch["target"] != 0.0)
+      return jnp.sum(matched * (change - batch["target"]) ** 2) / jnp.maximum(jnp.sum(matched), 1.0)
+    if loss == "reward":
+      # PPO's clipped surrogate on the student's own tokens (behaviour policy = the target base):
+      # advantage = the centred carried score; the clip stops a token once its ratio left 1 ± clip.
+      advantage = batch["weights"]
+      ratio = jnp.exp(change)
+      surrogate = jnp.minimum(ratio * advantage, jnp.clip(ratio, 1.0 - clip, 1.0 + clip) * advantage)
+      return -jnp.sum(learn * surrogate) / jnp.maximum(jnp.sum(learn), 1.0)
     weights = batch["weights"] * learn
     nll = -jnp.sum(weights * lp) / jnp.maximum(jnp.sum(weights), 1.0)
     if anchor == 0.0:

@@ -68,7 +68,7 @@ def cache_key(source_fingerprint: str, adapter_sha: str, prompts: Sequence[str] 
           "temperature": float(config.temperature), "top_p": float(config.top_p), "seed": config.seed}
 
 
-def _prompt_texts(config: RefineConfig) -> list[str]:
+def prompt_texts(config: RefineConfig) -> list[str]:
   """One prompt text per sample: the file's prompts in turn, else "" (the separator token alone)."""
   prompts = read_prompts(config.prompts_file) if config.prompts_file else [""]
   return [prompts[i % len(prompts)] for i in range(config.samples)]
@@ -116,7 +116,7 @@ def build_corpus(source_folder: Any, source_adapter: Any, config: RefineConfig, 
   """The scored teacher corpus, from the cache when an intact entry is there; plus a report dict."""
   from crosslora_jax.formats import checkpoint
   start = time.perf_counter()
-  prompts = _prompt_texts(config)
+  prompts = prompt_texts(config)
   key = cache_key(checkpoint.open_base(source_folder).fingerprint(), corpus_cache.adapter_hash(source_adapter),
                   prompts if config.prompts_file else None, config, tokenizer_hash(source_folder))
   root = config.cache_root()

@@ -42,12 +42,12 @@ def _evaluate(target: Any, lora: Any, spec: Any, held: student.StudentData, batc
 
 
 @functools.lru_cache(maxsize=8)
-def _train_step(cfg: Any, spec: Any, loss: str, anchor: float, lr: float, warmup: int, steps: int):
+def _train_step(cfg: Any, spec: Any, loss: str, anchor: float, lr: float, warmup: int, steps: int, clip: float = 0.2):
   """(optimizer, jitted step): one compilation per target and recipe, reused by later adapters."""
   import jax
   import optax
 
-  loss_fn = student.make_loss(cfg, spec, loss=loss, anchor=anchor)
+  loss_fn = student.make_loss(cfg, spec, loss=loss, anchor=anchor, clip=clip)
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, steps - 1) if steps > 1 else 0, steps,
                                                 end_value=0.1 * lr)
   optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
@@ -66,7 +66,7 @@ def train_student(target: Any, lora0: Any, spec: Any, train: student.StudentData
   import jax.numpy as jnp
 
   optimizer, step_fn = _train_step(target.config, spec, config.loss, config.anchor, config.lr,
-                                   config.warmup, config.steps)
+                                   config.warmup, config.steps, config.clip)
   lora, state = lora0, optimizer.init(lora0)
   sign = CHECKS[config.check]
   evals = [_evaluate(target, lora0, spec, held, config.batch, 0)]
