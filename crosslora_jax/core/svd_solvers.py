@@ -1,8 +1,8 @@
 """Truncated-SVD solvers for one float32 matrix: (w, rank, ...) -> (u, s, v), signs not yet fixed.
 
 :func:`crosslora_jax.core.kernels.truncated_svd` picks one by name, checks its inputs
-and canonicalises the signs. All work on ``x``, the (big, small) orientation of
-``w``, so a weight and its transpose cost the same.
+and canonicalises the signs. gram and randomized work on ``x``, the (big, small)
+orientation of ``w``, so a weight and its transpose cost the same.
 
 Arithmetic per (m, n) weight, m >= n, k = rank + oversamples (flops, leading terms;
 :func:`flops`): exact ~ 6mn² + 20n³ (LAPACK gesdd with thin vectors); gram
