@@ -51,7 +51,7 @@ def run_cli(models, out, extra):
 
 def without_timings(report):
   """The report minus wall times and the (per-run) cache folder."""
-  report = dict(report, seconds=None, seconds_decompose=None)
+  report = dict(report, seconds=None, seconds_decompose=None, timing=None)
   report["config"] = {k: v for k, v in report["config"].items() if k != "cache_dir"}
   report["entries"] = [dict(e, seconds=None) for e in report["entries"]]
   return report

@@ -44,7 +44,7 @@ from safetensors.numpy import save as st_save
 from crosslora_jax.core import kernels
 
 CACHE_ENV = "CROSSLORA_CACHE"  # the cache root: <root>/subspaces, <root>/xla, <root>/models (crosslora_bench.zoo)
-FORMAT_VERSION = 2  # bump when a kernel's numbers change: older entries then miss
+FORMAT_VERSION = 3  # bump when a kernel's numbers change: older entries then miss
 _FIELDS = ("u", "s", "v", "energy")
 
 
@@ -67,8 +67,9 @@ def default_xla_cache_dir() -> pathlib.Path:
 def enable_compilation_cache(folder: str | os.PathLike[str]) -> None:
   """Keeps compiled XLA programs in ``folder`` (JAX's persistent compilation cache).
 
-  A transfer compiles about 30 programs (one truncated SVD per module and model, the
-  projections, the report's overlaps). On one H200 that was 152 s of a 170 s cold run
+  A transfer compiles one truncated SVD per distinct weight shape (a weight and its
+  transpose count once) and model, and one projection and one overlap program per
+  pair of such shapes (``core/compiles.py`` counts them). On one H200 compiling was 152 s of a 170 s cold run
   (cProfile: ``backend_compile_and_load``, 8-layer paper-scale run, BUILD_NOTES "Speed and memory"),
   on 2 CPU cores about 0.3–0.5 s each; with this cache later runs with the same shapes
   load them instead. Call before the first computation; JAX ignores a cache it cannot write.

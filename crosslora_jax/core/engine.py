@@ -134,6 +134,7 @@ class TransferRun:
   context: Any  # what the method's prepare() built (anchored: the Anchors), else None
   outputs: list[AdapterOutput]
   cache: SubspaceCache | None = None
+  seconds_project: float = 0.0  # the method's batched projections
 
 
 # The refine stage: called once after projection with the whole run; it may replace
@@ -224,8 +225,33 @@ def project_all(run: TransferRun, progress: Progress | None) -> None:
     if progress is not None:
       progress("decomposing base weights", done, total)
 
-  for module in modules:
-    project_module(run, module, tick)
+  for i, module in enumerate(modules):
+    following = modules[i + 1] if i + 1 < len(modules) else None
+    project_module(run, module, tick, read_next=(lambda m=following: _prefetch_chunk(run, m, 0)) if following else None)
+
+
+def _module_chunks(run: TransferRun, module: str) -> tuple[int, list[list[int]], list[list[planning.WorkItem]]]:
+  """(rank, target-layer chunks, each adapter's items) of one module."""
+  rank = max(p.rank[module] for p in run.plans if module in p.by_module)
+  items_per_adapter = [p.by_module.get(module, []) for p in run.plans]
+  chunks = even_chunks(sorted({w.target_layer for items in items_per_adapter for w in items}),
+                       run.config.chunk_layers)
+  return rank, chunks, items_per_adapter
+
+
+def _prefetch_chunk(run: TransferRun, module: str, c: int) -> None:
+  """Starts reading chunk ``c`` of ``module``'s base weights while the current chunk decomposes."""
+  rank, chunks, items_per_adapter = _module_chunks(run, module)
+  if c >= len(chunks):
+    return
+  if run.method.needs_target_subspaces:
+    run.subspaces_target.prefetch(module, chunks[c], rank)
+  if run.method.needs_source_subspaces:
+    def sources(k):
+      layers = set(chunks[k]) if 0 <= k < len(chunks) else set()
+      return {w.source_layer for items in items_per_adapter for w in items if w.target_layer in layers}
+    # chunk c - 1 decomposes (and keeps) the layers the two share
+    run.subspaces_source.prefetch(module, sorted(sources(c) - sources(c - 1)), rank)
 
 
 def _layers_to_decompose(run: TransferRun, module: str) -> int:
@@ -236,12 +262,14 @@ def _layers_to_decompose(run: TransferRun, module: str) -> int:
   return n_source + n_target
 
 
-def project_module(run: TransferRun, module: str, tick: Callable[[int], None]) -> None:
-  """One module: target layers in near-equal chunks; a source subspace is kept until its last chunk."""
-  rank = max(p.rank[module] for p in run.plans if module in p.by_module)
-  items_per_adapter = [p.by_module.get(module, []) for p in run.plans]
-  chunks = even_chunks(sorted({w.target_layer for items in items_per_adapter for w in items}),
-                       run.config.chunk_layers)
+def project_module(run: TransferRun, module: str, tick: Callable[[int], None],
+                   read_next: Callable[[], None] | None = None) -> None:
+  """One module: target layers in near-equal chunks; a source subspace is kept until its last chunk.
+
+  While a chunk decomposes, the next chunk's weights (at the last chunk: ``read_next``,
+  the next module's first) are read on a background thread.
+  """
+  rank, chunks, items_per_adapter = _module_chunks(run, module)
   chunk_size = max(len(c) for c in chunks)  # every SVD batch of the module has this many layers
   last_use: dict[int, int] = {}  # source layer -> last chunk that needs it
   for c, chunk in enumerate(chunks):
@@ -250,6 +278,10 @@ def project_module(run: TransferRun, module: str, tick: Callable[[int], None]) -
         if w.target_layer in chunk:
           last_use[w.source_layer] = c
   for c, chunk in enumerate(chunks):
+    if c + 1 < len(chunks):
+      _prefetch_chunk(run, module, c + 1)
+    elif read_next is not None:
+      read_next()
     in_chunk = set(chunk)
     chunk_items = [[w for w in items if w.target_layer in in_chunk] for items in items_per_adapter]
     project_chunk(run, module, rank, chunk, chunk_items, chunk_size, tick)
@@ -297,9 +329,7 @@ def project_chunk(run: TransferRun, module: str, rank: int, chunk: list[int],
   if sub_s is not None:  # once per (source layer, target layer) pair, shared by all adapters; report only
     pairs = sorted({(w.source_layer, w.target_layer) for items in chunk_items for w in items})
     ps, pt = subs.for_layout(pairs)
-    ov_u = np.asarray(kernels.batched_overlap(ps.u, pt.u))
-    ov_v = np.asarray(kernels.batched_overlap(ps.v, pt.v))
-    subs.overlap.update(zip(pairs, ((ov_u + ov_v) / 2).tolist()))
+    subs.overlap.update(zip(pairs, kernels.pair_overlaps(ps, pt).tolist()))
   for (lora_rank, layout), members in group_by_layout(chunk_items).items():
     project_group(run, module, rank, subs, lora_rank, layout, members)
 
@@ -338,6 +368,7 @@ def project_group(run: TransferRun, module: str, rank: int, subs: ChunkSubspaces
   proj, extras = run.method.project(batch)
   proj = jax.tree.map(np.asarray, proj)
   extras = extras or [[{} for _ in layout] for _ in members]
+  run.seconds_project += time.perf_counter() - t0
   seconds = (time.perf_counter() - t0) / len(members)
   for row, (n, items) in enumerate(members):
     adapter_proj = kernels.Projected(proj.a_ri[row], proj.b_or[row], proj.norm_ratio[row])
@@ -390,9 +421,19 @@ def build_results(run: TransferRun, *, seconds: float) -> list[TransferResult]:
         skipped=plan.skipped + [{"source_key": s["key"], "reason": s["reason"]} for s in adapter.skipped],
         layer_map=plan.layer_map, seconds=seconds,
         seconds_decompose=run.subspaces_source.seconds + run.subspaces_target.seconds,
+        timing=_timing(run, seconds),
         output_dtype=config.dtype or str(np.dtype(adapter.dtype)))
     results.append(TransferResult(new, report))
   return results
+
+
+def _timing(run: TransferRun, seconds: float) -> dict[str, float]:
+  """Where the engine's time went: waiting for weight reads (what prefetch did not hide), SVD kernels,
+  projections, and the rest (cache, planning, report)."""
+  subs = (run.subspaces_source, run.subspaces_target)
+  split = {"read": sum(s.seconds_read for s in subs), "decompose": sum(s.seconds_decompose for s in subs),
+           "project": run.seconds_project}
+  return {**split, "other": max(seconds - sum(split.values()), 0.0)}
 
 
 def _take(sub: kernels.Subspace, rows: Sequence[int]) -> kernels.Subspace:

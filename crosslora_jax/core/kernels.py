@@ -19,15 +19,16 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-HIGHEST = lax.Precision.HIGHEST
+from crosslora_jax.core import svd_solvers
+from crosslora_jax.core.svd_solvers import HIGHEST, mm  # noqa: F401  (HIGHEST: part of this module's surface)
 SVD_METHODS = ("exact", "gram", "randomized")
 SEEDED_SVD_METHODS = ("randomized",)  # the SVD methods that draw from a PRNG key
 DEFAULT_SVD = "gram"  # chosen from measured accuracy and speed: BUILD_NOTES.md, "Speed and memory"
 DEFAULT_OVERSAMPLES = 10
 DEFAULT_POWER_ITER = 2
-_GRAM_OVERSAMPLES = 32  # eigh directions beyond the rank kept for gram's Rayleigh–Ritz step
 
 
 class Subspace(NamedTuple):
@@ -47,11 +48,6 @@ class Projected(NamedTuple):
   norm_ratio: jax.Array  # () ‖ΔW_t‖_F / ‖ΔW_s‖_F
 
 
-def mm(x: jax.Array, y: jax.Array) -> jax.Array:
-  """x @ y at full float32 precision (TPU/GPU matmuls default to bf16 passes)."""
-  return jnp.matmul(x, y, precision=HIGHEST)
-
-
 def canonicalize_signs(u: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Flips each singular pair so that the largest-|x| entry of u's column is positive.
 
@@ -63,95 +59,6 @@ def canonicalize_signs(u: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array
   signs = jnp.sign(jnp.take_along_axis(u, idx[None, :], axis=0))[0]
   signs = jnp.where(signs == 0, 1.0, signs).astype(u.dtype)
   return u * signs, v * signs
-
-
-def _exact_svd(w: jax.Array, rank: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  u, s, vt = jnp.linalg.svd(w, full_matrices=False)
-  return u[:, :rank], s[:rank], vt[:rank].T
-
-
-def _rayleigh_ritz(x: jax.Array, z: jax.Array, rank: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """SVD of ``x`` restricted to span(z): x z = Q R, R = U_r S V_rᵀ, so x (z V_r) = (Q U_r) S.
-
-  x: (big, small); z: (small, k) with orthonormal columns, k >= rank. One
-  Householder QR of (big, k) and one SVD of (k, k): U comes out orthonormal to
-  working precision and S accurate to eps·‖x‖ in absolute terms, also for tiny
-  singular values (where σ = sqrt(eigenvalue) and U = x v / σ are not).
-  """
-  q, r = jnp.linalg.qr(mm(x, z))
-  u_r, s, v_rt = jnp.linalg.svd(r, full_matrices=False)
-  return mm(q, u_r[:, :rank]), s[:rank], mm(z, v_rt[:rank].T)
-
-
-def _gram_svd(w: jax.Array, rank: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """eigh of the smaller Gram matrix for a subspace, then an oversampled Rayleigh–Ritz step.
-
-  The Gram matrix squares the condition number: eigh alone resolves singular
-  vector i only to eps·σ₀²/(σ_i² − σ_{i±1}²), which for weights whose spectrum
-  falls steeply (q_proj: σ_320 ≈ 0.01·σ₀) rotates the directions near the cut by
-  percent. So eigh only supplies a subspace of rank + ``_GRAM_OVERSAMPLES``
-  (containing the top ``rank`` up to the much larger gap σ_r² − σ_{r+p}²), and the
-  Rayleigh–Ritz step (Householder QR of w times it, SVD of R) resolves the
-  directions inside it from w itself, with σ-gaps as an exact SVD does.
-  """
-  m, n = w.shape
-  x = w if m >= n else w.T  # (big, small)
-  k = min(rank + _GRAM_OVERSAMPLES, x.shape[1])
-  _, evecs = jnp.linalg.eigh(mm(x.T, x))  # ascending
-  u_big, s, v_small = _rayleigh_ritz(x, evecs[:, ::-1][:, :k], rank)
-  return (u_big, s, v_small) if m >= n else (v_small, s, u_big)
-
-
-def _cholesky_qr(y: jax.Array, passes: int) -> tuple[jax.Array, jax.Array]:
-  """y = Q R from matmuls and a (k, k) Cholesky: shifted CholeskyQR, ``passes`` times.
-
-  y: (m, k). Each pass factors G = QᵀQ + s·I (s = k·eps·tr G on the first pass,
-  eps·tr G after, plus a tiny floor), so it exists for any y, rank-deficient or
-  zero included; later passes restore orthonormality (≈ eps·k after 3 passes for
-  cond(y) up to ~1/sqrt(eps)). The span is y's whatever the shift. On CPU this is
-  several times faster than Householder QR (LAPACK geqrf + orgqr) for k ≈ 330.
-  """
-  k = y.shape[1]
-  eye = jnp.eye(k, dtype=y.dtype)
-  eps = jnp.finfo(y.dtype).eps
-  q, r_acc = y, eye
-  for i in range(passes):
-    g = mm(q.T, q)
-    shift = eps * (k if i == 0 else 1) * jnp.trace(g) + jnp.finfo(y.dtype).tiny
-    r = jnp.linalg.cholesky(g + shift * eye).T  # upper triangular
-    q = mm(q, jax.scipy.linalg.solve_triangular(r, eye, lower=False))
-    r_acc = mm(r, r_acc)
-  return q, r_acc
-
-
-def _randomized_svd(w: jax.Array, rank: int, key: jax.Array, n_oversamples: int,
-                    n_power_iter: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Randomized subspace iteration (Halko, Martinsson & Tropp 2011) built from matmuls.
-
-  Works on x = the (big, small) orientation of ``w``: a Gaussian start
-  Ω (small, k), k = rank + n_oversamples, then ``n_power_iter`` steps
-  Y ← orth(x Z), Z ← orth(xᵀ Y), then the SVD of x restricted to span(Z)
-  (x Z = Q R, R = U_r S V_rᵀ). Orthonormalisation is shifted CholeskyQR (one pass
-  inside the iteration, where only the span matters; three at the end). Costs
-  2·n_power_iter + 1 passes of (big·small·k) flops; the error of direction i
-  shrinks like (σ_{k+1}/σ_i)^(2·n_power_iter). Directions with σ below
-  ≈ sqrt(k·eps)·σ₀ (5e-3·σ₀ for k = 330; bf16 storage noise is 4e-3) are not
-  resolved: use ``exact`` or ``gram`` for nearly rank-deficient weights.
-  """
-  m, n = w.shape
-  x = w if m >= n else w.T  # (big, small)
-  small = x.shape[1]
-  k = min(rank + n_oversamples, small)
-  z = jax.random.normal(key, (small, k), dtype=x.dtype)
-  for i in range(n_power_iter):
-    y, _ = _cholesky_qr(mm(x, z), passes=1)
-    z, _ = _cholesky_qr(mm(x.T, y), passes=3 if i == n_power_iter - 1 else 1)
-  if n_power_iter == 0:
-    z, _ = _cholesky_qr(z, passes=3)
-  q, r = _cholesky_qr(mm(x, z), passes=3)
-  u_r, s, v_rt = jnp.linalg.svd(r, full_matrices=False)
-  u_big, v_small = mm(q, u_r[:, :rank]), mm(z, v_rt[:rank].T)
-  return (u_big, s[:rank], v_small) if m >= n else (v_small, s[:rank], u_big)
 
 
 def truncated_svd(w_oi: jax.Array, key: jax.Array | None = None, *, rank: int, method: str = "exact",
@@ -192,9 +99,9 @@ def truncated_svd(w_oi: jax.Array, key: jax.Array | None = None, *, rank: int, m
 
 # method -> (w, rank, key, n_oversamples, n_power_iter) -> (u, s, v); options a method ignores are unused.
 _SVD_SOLVERS = {
-    "exact": lambda w, rank, key, n_oversamples, n_power_iter: _exact_svd(w, rank),
-    "gram": lambda w, rank, key, n_oversamples, n_power_iter: _gram_svd(w, rank),
-    "randomized": _randomized_svd,
+    "exact": lambda w, rank, key, n_oversamples, n_power_iter: svd_solvers.exact_svd(w, rank),
+    "gram": lambda w, rank, key, n_oversamples, n_power_iter: svd_solvers.gram_svd(w, rank),
+    "randomized": svd_solvers.randomized_svd,
 }
 
 
@@ -350,16 +257,27 @@ def subspace_overlap(u_s: jax.Array, u_t: jax.Array) -> jax.Array:
   return jnp.where(chance < 1, (ov - chance) / (1 - chance), 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("solver",))
-def project_cross_lora_adapters(sub_s: Subspace, sub_t: Subspace, a_nlri: jax.Array, b_nlor: jax.Array, *,
+def project_cross_lora_adapters(sub_s: Subspace, sub_t: Subspace, a_nlri, b_nlor, *,
                                 solver: str = "closed") -> Projected:
   """Many adapters of one LoRA rank through one chunk's subspaces, in one call.
 
   Subspaces are stacked over layers (L, ...) and shared by the N adapters, whose
   factors are (N, L, rank, in_s) and (N, L, out_s, rank); returns (N, L, ...).
   Per adapter this is small matmuls only: U_sᵀ B_s, A_s V_s and the products with
-  U_t, V_tᵀ.
+  U_t, V_tᵀ. A wide source weight (out < in) is projected as its transpose
+  (ΔWᵀ = Aᵀ Bᵀ through V and U), so down_proj shares gate_proj's compiled program.
   """
+  if sub_s.u.shape[-2] >= sub_s.v.shape[-2]:
+    return _project_cross_lora_adapters(sub_s, sub_t, a_nlri, b_nlor, solver=solver)
+  flip = lambda sub: Subspace(sub.v, sub.s, sub.u, sub.energy)
+  swap = lambda x: np.swapaxes(np.asarray(x), -1, -2)
+  out = _project_cross_lora_adapters(flip(sub_s), flip(sub_t), swap(b_nlor), swap(a_nlri), solver=solver)
+  return Projected(swap(out.b_or), swap(out.a_ri), out.norm_ratio)
+
+
+@functools.partial(jax.jit, static_argnames=("solver",))
+def _project_cross_lora_adapters(sub_s: Subspace, sub_t: Subspace, a_nlri: jax.Array, b_nlor: jax.Array, *,
+                                 solver: str) -> Projected:
   fn = functools.partial(project_cross_lora, solver=solver)
   if solver == "lstsq":  # LAPACK inside: one matrix per call on CPU (map_layers)
     return map_layers(lambda a, b: map_layers(fn, sub_s, sub_t, a, b), a_nlri, b_nlor)
@@ -377,12 +295,35 @@ def batched_truncate_pad(a_lri: jax.Array, b_lor: jax.Array, *, out_t: int, in_t
   return jax.vmap(functools.partial(truncate_pad, out_t=out_t, in_t=in_t))(a_lri, b_lor)
 
 
-@jax.jit
-def batched_lowrank_fro(a_lri: jax.Array, b_lor: jax.Array) -> jax.Array:
-  """‖B A‖_F per layer of a stack, without forming B A: (L,)."""
-  return jax.vmap(lowrank_fro)(a_lri.astype(jnp.float32), b_lor.astype(jnp.float32))
+def batched_lowrank_fro(a_lri, b_lor) -> np.ndarray:
+  """‖B A‖_F per layer of a stack, without forming B A: (L,), on the host.
+
+  A report figure from (r, r) products of LoRA factors: numpy here, so that it
+  compiles no program per factor shape.
+  """
+  a = np.asarray(a_lri, np.float32)
+  b = np.asarray(b_lor, np.float32)
+  bb = np.matmul(np.swapaxes(b, -1, -2), b)  # (L, r, r)
+  aa = np.matmul(a, np.swapaxes(a, -1, -2))  # (L, r, r)
+  return np.sqrt(np.maximum(np.sum(bb * aa, axis=(-1, -2)), 0.0))
 
 
 @jax.jit
 def batched_overlap(u_s: jax.Array, u_t: jax.Array) -> jax.Array:
   return map_layers(subspace_overlap, u_s, u_t)
+
+
+def pair_overlaps(sub_s: Subspace, sub_t: Subspace) -> np.ndarray:
+  """Mean of the U and V subspace overlaps per layer pair, (L,) as numpy: the report's ``overlap``.
+
+  One compiled program per shape pair: the longer side goes first, so a weight and
+  its transpose (gate_proj, down_proj) share it.
+  """
+  if sub_s.u.shape[-2] >= sub_s.v.shape[-2]:
+    return np.asarray(_pair_overlaps(sub_s.u, sub_t.u, sub_s.v, sub_t.v))
+  return np.asarray(_pair_overlaps(sub_s.v, sub_t.v, sub_s.u, sub_t.u))
+
+
+@jax.jit
+def _pair_overlaps(u_s, u_t, v_s, v_t) -> jax.Array:
+  return (map_layers(subspace_overlap, u_s, u_t) + map_layers(subspace_overlap, v_s, v_t)) / 2

@@ -29,6 +29,7 @@ class Report:
   output_dtype: str
   summary: dict[str, Any] = dataclasses.field(default_factory=dict)
   refine: dict[str, Any] | None = None  # the refine stage's report (``--refine distill``), else None
+  timing: dict[str, float] | None = None  # seconds by phase: read, decompose, project, other (engine only)
 
   @classmethod
   def build(cls, **kwargs) -> "Report":
@@ -55,8 +56,9 @@ class Report:
   def to_dict(self) -> dict[str, Any]:
     """The report as JSON-ready data; ``refine`` only when a refine ran (plain reports stay as they were)."""
     data = dataclasses.asdict(self)
-    if data["refine"] is None:
-      del data["refine"]
+    for optional in ("refine", "timing"):
+      if data[optional] is None:
+        del data[optional]
     return data
 
   def to_json(self) -> str:

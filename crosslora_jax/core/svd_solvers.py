@@ -1,0 +1,130 @@
+"""Truncated-SVD solvers for one float32 matrix: (w, rank, ...) -> (u, s, v), signs not yet fixed.
+
+:func:`crosslora_jax.core.kernels.truncated_svd` picks one by name, checks its inputs
+and canonicalises the signs. gram and randomized work on ``x``, the (big, small)
+orientation of ``w``, so a weight and its transpose cost the same.
+
+Arithmetic per (m, n) weight, m >= n, k = rank + oversamples (flops, leading terms;
+:func:`flops`): exact ~ 6mn² + 20n³ (LAPACK gesdd with thin vectors); gram
+2mn² + 9n³ (Gram matrix, full eigh) + 2mnk + 4mk² (Rayleigh–Ritz); randomized
+(2q + 1)·2mnk + CholeskyQR (q power iterations).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+HIGHEST = lax.Precision.HIGHEST
+GRAM_OVERSAMPLES = 32  # eigh directions beyond the rank kept for gram's Rayleigh–Ritz step
+
+
+def mm(x: jax.Array, y: jax.Array) -> jax.Array:
+  """x @ y at full float32 precision (TPU/GPU matmuls default to bf16 passes)."""
+  return jnp.matmul(x, y, precision=HIGHEST)
+
+
+def exact_svd(w: jax.Array, rank: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  u, s, vt = jnp.linalg.svd(w, full_matrices=False)
+  return u[:, :rank], s[:rank], vt[:rank].T
+
+
+def rayleigh_ritz(x: jax.Array, z: jax.Array, rank: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """SVD of ``x`` restricted to span(z): x z = Q R, R = U_r S V_rᵀ, so x (z V_r) = (Q U_r) S.
+
+  x: (big, small); z: (small, k) with orthonormal columns, k >= rank. One
+  Householder QR of (big, k) and one SVD of (k, k): U comes out orthonormal to
+  working precision and S accurate to eps·‖x‖ in absolute terms, also for tiny
+  singular values (where σ = sqrt(eigenvalue) and U = x v / σ are not).
+  """
+  q, r = jnp.linalg.qr(mm(x, z))
+  u_r, s, v_rt = jnp.linalg.svd(r, full_matrices=False)
+  return mm(q, u_r[:, :rank]), s[:rank], mm(z, v_rt[:rank].T)
+
+
+def gram_svd(w: jax.Array, rank: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """eigh of the smaller Gram matrix for a subspace, then an oversampled Rayleigh–Ritz step.
+
+  The Gram matrix squares the condition number: eigh alone resolves singular
+  vector i only to eps·σ₀²/(σ_i² − σ_{i±1}²), which for weights whose spectrum
+  falls steeply (q_proj: σ_320 ≈ 0.01·σ₀) rotates the directions near the cut by
+  percent. So eigh only supplies a subspace of rank + ``GRAM_OVERSAMPLES``
+  (containing the top ``rank`` up to the much larger gap σ_r² − σ_{r+p}²), and the
+  Rayleigh–Ritz step (Householder QR of w times it, SVD of R) resolves the
+  directions inside it from w itself, with σ-gaps as an exact SVD does.
+  """
+  m, n = w.shape
+  x = w if m >= n else w.T  # (big, small)
+  k = min(rank + GRAM_OVERSAMPLES, x.shape[1])
+  _, evecs = jnp.linalg.eigh(mm(x.T, x))  # ascending
+  u_big, s, v_small = rayleigh_ritz(x, evecs[:, ::-1][:, :k], rank)
+  return (u_big, s, v_small) if m >= n else (v_small, s, u_big)
+
+
+def cholesky_qr(y: jax.Array, passes: int) -> tuple[jax.Array, jax.Array]:
+  """y = Q R from matmuls and a (k, k) Cholesky: shifted CholeskyQR, ``passes`` times.
+
+  y: (m, k). Each pass factors G = QᵀQ + s·I (s = k·eps·tr G on the first pass,
+  eps·tr G after, plus a tiny floor), so it exists for any y, rank-deficient or
+  zero included; later passes restore orthonormality (≈ eps·k after 3 passes for
+  cond(y) up to ~1/sqrt(eps)). The span is y's whatever the shift. On CPU this is
+  several times faster than Householder QR (LAPACK geqrf + orgqr) for k ≈ 330.
+  """
+  k = y.shape[1]
+  eye = jnp.eye(k, dtype=y.dtype)
+  eps = jnp.finfo(y.dtype).eps
+  q, r_acc = y, eye
+  for i in range(passes):
+    g = mm(q.T, q)
+    shift = eps * (k if i == 0 else 1) * jnp.trace(g) + jnp.finfo(y.dtype).tiny
+    r = jnp.linalg.cholesky(g + shift * eye).T  # upper triangular
+    q = mm(q, jax.scipy.linalg.solve_triangular(r, eye, lower=False))
+    r_acc = mm(r, r_acc)
+  return q, r_acc
+
+
+def randomized_svd(w: jax.Array, rank: int, key: jax.Array, n_oversamples: int,
+                    n_power_iter: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Randomized subspace iteration (Halko, Martinsson & Tropp 2011) built from matmuls.
+
+  Works on x = the (big, small) orientation of ``w``: a Gaussian start
+  Ω (small, k), k = rank + n_oversamples, then ``n_power_iter`` steps
+  Y ← orth(x Z), Z ← orth(xᵀ Y), then the SVD of x restricted to span(Z)
+  (x Z = Q R, R = U_r S V_rᵀ). Orthonormalisation is shifted CholeskyQR (one pass
+  inside the iteration, where only the span matters; three at the end). Costs
+  2·n_power_iter + 1 passes of (big·small·k) flops; the error of direction i
+  shrinks like (σ_{k+1}/σ_i)^(2·n_power_iter). Directions with σ below
+  ≈ sqrt(k·eps)·σ₀ (5e-3·σ₀ for k = 330; bf16 storage noise is 4e-3) are not
+  resolved: use ``exact`` or ``gram`` for nearly rank-deficient weights.
+  """
+  m, n = w.shape
+  x = w if m >= n else w.T  # (big, small)
+  small = x.shape[1]
+  k = min(rank + n_oversamples, small)
+  z = jax.random.normal(key, (small, k), dtype=x.dtype)
+  for i in range(n_power_iter):
+    y, _ = cholesky_qr(mm(x, z), passes=1)
+    z, _ = cholesky_qr(mm(x.T, y), passes=3 if i == n_power_iter - 1 else 1)
+  if n_power_iter == 0:
+    z, _ = cholesky_qr(z, passes=3)
+  q, r = cholesky_qr(mm(x, z), passes=3)
+  u_r, s, v_rt = jnp.linalg.svd(r, full_matrices=False)
+  u_big, v_small = mm(q, u_r[:, :rank]), mm(z, v_rt[:rank].T)
+  return (u_big, s[:rank], v_small) if m >= n else (v_small, s[:rank], u_big)
+
+
+def flops(method: str, shape: tuple[int, int], rank: int, *, n_oversamples: int = 0, n_power_iter: int = 0) -> float:
+  """Leading-term flop count of one decomposition (see the module docstring); for benchmarks."""
+  m, n = max(shape), min(shape)
+  if method == "exact":
+    return 6.0 * m * n * n + 20.0 * n ** 3
+  if method == "gram":
+    k = min(rank + GRAM_OVERSAMPLES, n)
+    return 2.0 * m * n * n + 9.0 * n ** 3 + 2.0 * m * n * k + 4.0 * m * k * k + 20.0 * k ** 3
+  if method == "randomized":
+    k = min(rank + n_oversamples, n)
+    # CholeskyQR: one pass per iteration on each side, three at the end; a pass on (d, k) is ~4dk²
+    qr = (n_power_iter + 3) * 4.0 * m * k * k + (n_power_iter + 2) * 4.0 * n * k * k
+    return (2 * n_power_iter + 1) * 2.0 * m * n * k + qr + 20.0 * k ** 3
+  raise ValueError(f"method: one of exact, gram, randomized expected, got {method!r}")
