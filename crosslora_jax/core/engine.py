@@ -36,6 +36,7 @@ from crosslora_jax import methods
 from crosslora_jax.core import calibration, distributed, kernels, planning, sharding
 from crosslora_jax.core.sharding import blas_threads
 from crosslora_jax.core.cache import SubspaceCache
+from crosslora_jax.core.chunking import even_chunks, module_chunks, prefetch_chunk, timing
 from crosslora_jax.core.report import Report
 from crosslora_jax.core.subspaces import Subspaces, WeightNorms, module_index
 from crosslora_jax.errors import CrossLoraError
@@ -227,31 +228,7 @@ def project_all(run: TransferRun, progress: Progress | None) -> None:
 
   for i, module in enumerate(modules):
     following = modules[i + 1] if i + 1 < len(modules) else None
-    project_module(run, module, tick, read_next=(lambda m=following: _prefetch_chunk(run, m, 0)) if following else None)
-
-
-def _module_chunks(run: TransferRun, module: str) -> tuple[int, list[list[int]], list[list[planning.WorkItem]]]:
-  """(rank, target-layer chunks, each adapter's items) of one module."""
-  rank = max(p.rank[module] for p in run.plans if module in p.by_module)
-  items_per_adapter = [p.by_module.get(module, []) for p in run.plans]
-  chunks = even_chunks(sorted({w.target_layer for items in items_per_adapter for w in items}),
-                       run.config.chunk_layers)
-  return rank, chunks, items_per_adapter
-
-
-def _prefetch_chunk(run: TransferRun, module: str, c: int) -> None:
-  """Starts reading chunk ``c`` of ``module``'s base weights while the current chunk decomposes."""
-  rank, chunks, items_per_adapter = _module_chunks(run, module)
-  if c >= len(chunks):
-    return
-  if run.method.needs_target_subspaces:
-    run.subspaces_target.prefetch(module, chunks[c], rank)
-  if run.method.needs_source_subspaces:
-    def sources(k):
-      layers = set(chunks[k]) if 0 <= k < len(chunks) else set()
-      return {w.source_layer for items in items_per_adapter for w in items if w.target_layer in layers}
-    # chunk c - 1 decomposes (and keeps) the layers the two share
-    run.subspaces_source.prefetch(module, sorted(sources(c) - sources(c - 1)), rank)
+    project_module(run, module, tick, read_next=(lambda m=following: prefetch_chunk(run, m, 0)) if following else None)
 
 
 def _layers_to_decompose(run: TransferRun, module: str) -> int:
@@ -269,7 +246,7 @@ def project_module(run: TransferRun, module: str, tick: Callable[[int], None],
   While a chunk decomposes, the next chunk's weights (at the last chunk: ``read_next``,
   the next module's first) are read on a background thread.
   """
-  rank, chunks, items_per_adapter = _module_chunks(run, module)
+  rank, chunks, items_per_adapter = module_chunks(run, module)
   chunk_size = max(len(c) for c in chunks)  # every SVD batch of the module has this many layers
   last_use: dict[int, int] = {}  # source layer -> last chunk that needs it
   for c, chunk in enumerate(chunks):
@@ -279,7 +256,7 @@ def project_module(run: TransferRun, module: str, tick: Callable[[int], None],
           last_use[w.source_layer] = c
   for c, chunk in enumerate(chunks):
     if c + 1 < len(chunks):
-      _prefetch_chunk(run, module, c + 1)
+      prefetch_chunk(run, module, c + 1)
     elif read_next is not None:
       read_next()
     in_chunk = set(chunk)
@@ -287,15 +264,6 @@ def project_module(run: TransferRun, module: str, tick: Callable[[int], None],
     project_chunk(run, module, rank, chunk, chunk_items, chunk_size, tick)
     run.subspaces_target.release(module)
     run.subspaces_source.release(module, keep={l for l, last in last_use.items() if last > c})
-
-
-def even_chunks(layers: Sequence[int], chunk: int) -> list[list[int]]:
-  """``layers`` cut into ceil(n / chunk) runs of near-equal length (28, 8 -> 4 x 7, not 8+8+8+4)."""
-  if not layers:
-    return []
-  n_chunks = -(-len(layers) // chunk)
-  size = -(-len(layers) // n_chunks)
-  return [list(layers[i:i + size]) for i in range(0, len(layers), size)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -421,19 +389,10 @@ def build_results(run: TransferRun, *, seconds: float) -> list[TransferResult]:
         skipped=plan.skipped + [{"source_key": s["key"], "reason": s["reason"]} for s in adapter.skipped],
         layer_map=plan.layer_map, seconds=seconds,
         seconds_decompose=run.subspaces_source.seconds + run.subspaces_target.seconds,
-        timing=_timing(run, seconds),
+        timing=timing(run, seconds),
         output_dtype=config.dtype or str(np.dtype(adapter.dtype)))
     results.append(TransferResult(new, report))
   return results
-
-
-def _timing(run: TransferRun, seconds: float) -> dict[str, float]:
-  """Where the engine's time went: waiting for weight reads (what prefetch did not hide), SVD kernels,
-  projections, and the rest (cache, planning, report)."""
-  subs = (run.subspaces_source, run.subspaces_target)
-  split = {"read": sum(s.seconds_read for s in subs), "decompose": sum(s.seconds_decompose for s in subs),
-           "project": run.seconds_project}
-  return {**split, "other": max(seconds - sum(split.values()), 0.0)}
 
 
 def _take(sub: kernels.Subspace, rows: Sequence[int]) -> kernels.Subspace:
