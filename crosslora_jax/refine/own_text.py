@@ -14,7 +14,6 @@ The scored corpus is cached like the teacher's, keyed by both models and the ada
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from crosslora_jax.refine import corpus_cache, runtime, teacher
@@ -34,24 +33,13 @@ def cache_key(source_folder: Any, source_adapter: Any, target_folder: Any, promp
 def build_own_corpus(source_folder: Any, source_adapter: Any, target_folder: Any, target_lm: Any,
                      config: RefineConfig, *, progress: bool, source_lm: Any = None) -> tuple[teacher.Corpus, dict[str, Any]]:
   """(corpus written by ``target_lm`` and scored by source base ± adapter, report dict)."""
-  start = time.perf_counter()
   prompts = teacher.prompt_texts(config)
   key = cache_key(source_folder, source_adapter, target_folder, prompts, config)
-  root = config.cache_root()
-  status = "disabled"
-  if config.use_cache:
-    payload, status = corpus_cache.load(root, key)
-    if payload is not None and len(payload["texts"]) == config.samples:
-      corpus = teacher.Corpus.from_payload(payload)
-      return corpus, {"cache": "hit", "writer": "target", "seconds": time.perf_counter() - start,
-                      "samples": len(corpus.texts), "teacher_tokens": sum(len(s) for s in corpus.spans)}
-  t_sample = time.perf_counter()
-  texts, prompt_chars = teacher.write_texts(target_lm, prompts, config, progress=progress)
-  t_score = time.perf_counter()
-  source_lm = source_lm if source_lm is not None else runtime.load_lm(source_folder, source_adapter, config.dtype)
-  corpus = teacher.score_texts(source_lm, texts, prompt_chars, batch=config.batch, progress=progress, prompts=prompts)
-  stored = corpus_cache.store(root, key, corpus.to_payload()) if config.use_cache else None
-  return corpus, {"cache": "miss" if status == "absent" else status, "writer": "target", "stored": stored is not None,
-                  "seconds": time.perf_counter() - start, "sample_seconds": t_score - t_sample,
-                  "score_seconds": time.perf_counter() - t_score, "samples": len(texts),
-                  "teacher_tokens": sum(len(s) for s in corpus.spans)}
+
+  def score(texts: list[str], prompt_chars: list[int]) -> teacher.Corpus:
+    scorer = source_lm if source_lm is not None else runtime.load_lm(source_folder, source_adapter, config.dtype)
+    return teacher.score_texts(scorer, texts, prompt_chars, batch=config.batch, progress=progress, prompts=prompts)
+
+  corpus, info = teacher.cached_corpus(key, config, lambda: teacher.write_texts(target_lm, prompts, config,
+                                                                                progress=progress), score)
+  return corpus, {**info, "writer": "target"}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -115,10 +115,26 @@ def build_corpus(source_folder: Any, source_adapter: Any, config: RefineConfig, 
                  teacher: Any = None) -> tuple[Corpus, dict[str, Any]]:
   """The scored teacher corpus, from the cache when an intact entry is there; plus a report dict."""
   from crosslora_jax.formats import checkpoint
-  start = time.perf_counter()
   prompts = prompt_texts(config)
   key = cache_key(checkpoint.open_base(source_folder).fingerprint(), corpus_cache.adapter_hash(source_adapter),
                   prompts if config.prompts_file else None, config, tokenizer_hash(source_folder))
+  loaded: list[Any] = [teacher]
+
+  def lm() -> Any:  # loaded on a cache miss only
+    if loaded[0] is None:
+      loaded[0] = runtime.load_lm(source_folder, source_adapter, config.dtype)
+    return loaded[0]
+
+  return cached_corpus(key, config, lambda: write_texts(lm(), prompts, config, progress=progress),
+                       lambda texts, chars: score_texts(lm(), texts, chars, batch=config.batch, progress=progress,
+                                                        prompts=prompts))
+
+
+def cached_corpus(key: dict[str, Any], config: RefineConfig, write: Callable[[], tuple[list[str], list[int]]],
+                  score: Callable[[list[str], list[int]], Corpus]) -> tuple[Corpus, dict[str, Any]]:
+  """The corpus under ``key`` from the cache when an intact entry is there, else ``write()`` then
+  ``score(texts, prompt_chars)``, stored; plus the report dict (cache status, seconds per phase)."""
+  start = time.perf_counter()
   root = config.cache_root()
   status = "disabled"
   if config.use_cache:
@@ -127,11 +143,10 @@ def build_corpus(source_folder: Any, source_adapter: Any, config: RefineConfig, 
       corpus = Corpus.from_payload(payload)
       return corpus, {"cache": "hit", "seconds": time.perf_counter() - start, "samples": len(corpus.texts),
                       "teacher_tokens": sum(len(s) for s in corpus.spans)}
-  teacher = teacher if teacher is not None else runtime.load_lm(source_folder, source_adapter, config.dtype)
   t_sample = time.perf_counter()
-  texts, prompt_chars = write_texts(teacher, prompts, config, progress=progress)
+  texts, prompt_chars = write()
   t_score = time.perf_counter()
-  corpus = score_texts(teacher, texts, prompt_chars, batch=config.batch, progress=progress, prompts=prompts)
+  corpus = score(texts, prompt_chars)
   stored = corpus_cache.store(root, key, corpus.to_payload()) if config.use_cache else None
   return corpus, {"cache": "miss" if status == "absent" else status, "stored": stored is not None,
                   "seconds": time.perf_counter() - start, "sample_seconds": t_score - t_sample,
