@@ -11,7 +11,11 @@ the target (its NLL from results/quality.json, same blocks and recipe):
 
   recovery = (NLL_base − NLL_arm) / (NLL_base − NLL_trained)
 
-The teacher never reads pydoc: it writes from its separator token. Arms differ in
+The teacher never reads pydoc: it writes from its separator token. ``--domain stdlib`` repeats
+this on a second text domain (CPython's standard-library source): the source adapter and the
+trained-on-target bound are then LoRAs trained here on that text by the JAX trainer, with
+bench_quality's recipe (as is every source adapter other than the shipped SmolLM2 one, and the
+bound of a target results/quality.json has none for). Arms differ in
 token selection, loss, anchor, writer and initialisation. Controls: ``null*`` arms
 remove the source adapter (B = 0): what training on model-written text does by
 itself; ``random-*`` arms replace it with random factors of the same rank and
@@ -42,12 +46,13 @@ sys.path.insert(0, str(REPO / "scripts"))
 import numpy as np  # noqa: E402
 
 from crosslora_bench import textdata, zoo  # noqa: E402
-from bench_quality import EXAMPLE_ADAPTER, MODELS  # noqa: E402
+from bench_quality import EXAMPLE_ADAPTER, MODELS, RECIPE  # noqa: E402
 
 ARMS: dict[str, dict[str, Any]] = {  # name -> RefineConfig overrides (+ "init": zero|projection, "null"/"random": bool)
     "delta": {"loss": "delta"},
     "projection+delta": {"loss": "delta", "init": "projection"},
     "random-delta": {"loss": "delta", "random": True},
+    "null-delta": {"loss": "delta", "null": True},
     "topk30": {"loss": "nll", "selection": "topk", "fraction": 0.3},
     "all": {"loss": "nll", "selection": "all"},
     "weighted": {"loss": "nll", "selection": "weighted"},
@@ -90,14 +95,59 @@ def random_adapter(adapter, seed: int = 0):
   return peft_format.PeftAdapter(dict(adapter.config), modules, path=None)
 
 
-def trained_reference(target: str, blocks: int) -> dict[str, Any]:
-  data = json.loads((REPO / "results" / "quality.json").read_text())
-  return data["targets"][f"{target} ({blocks} blocks)"]
+def trained_lora(short: str, cache_dir: pathlib.Path, model=None, domain: str = "pydoc") -> pathlib.Path:
+  """A LoRA trained on ``short`` with bench_quality's RECIPE on ``domain``'s training text, by the JAX
+  trainer, cached under cache_dir/lora.
 
-
-def heldout_ids(folder: pathlib.Path, blocks: int) -> np.ndarray:
+  The source adapter of a pair whose source is not SmolLM2 (whose adapter is the shipped
+  example), and the upper bound of a target that results/quality.json has none for. The
+  recipe's schedule is textdata.train_lora's: one warm-up step, cosine to 0, AdamW without
+  weight decay, clip 1.0; results/lm.md measured this trainer equal to torch's on SmolLM2.
+  ``model``: the already loaded ``short`` (float32), so a 1.5B target is not held twice.
+  """
   from transformers import AutoTokenizer
-  return textdata.heldout_blocks(AutoTokenizer.from_pretrained(folder), n=blocks, block_size=128).numpy().astype(np.int32)
+  from crosslora_jax import lm as jlm
+  from crosslora_jax.lm.train import TrainConfig, train_lora
+  tag = hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode()).hexdigest()[:8]
+  out = cache_dir / "lora" / (f"{short}-jax-{tag}" if domain == "pydoc" else f"{short}-{domain}-jax-{tag}")
+  if (out / "train_info.json").exists():
+    return out
+  folder = zoo.fetch_model(MODELS[short])
+  blocks = textdata.token_blocks(AutoTokenizer.from_pretrained(folder), textdata.train_texts(domain), RECIPE["block_size"])
+  config = TrainConfig(steps=RECIPE["steps"], batch=RECIPE["batch_size"], lr=RECIPE["lr"], warmup=max(1, RECIPE["steps"] // 10),
+                       schedule="cosine", weight_decay=0.0, clip_norm=1.0, seed=RECIPE["seed"])
+  spec = jlm.LoraSpec(r=RECIPE["r"], alpha=RECIPE["alpha"], target_modules=textdata.SEVEN_MODULES)
+  log(f"training a LoRA on {short} ({domain}) with {RECIPE} (JAX, not cached)")
+  result = train_lora(model if model is not None else jlm.load(folder), blocks.numpy().astype(np.int32), config, spec=spec, output=out, overwrite=True,
+                      save_dtype="float16")
+  (out / "train_info.json").write_text(json.dumps({"recipe": RECIPE, "domain": domain, "trainer": "crosslora_jax.lm.train.train_lora",
+                                                   "train_seconds": result.seconds, "compile_seconds": result.compile_seconds,
+                                                   "losses": result.losses}, indent=1))
+  log(f"trained {short} in {result.seconds:.0f} s (+ {result.compile_seconds:.0f} s compile) -> {out}")
+  return out
+
+
+def source_adapter_dir(short: str, cache_dir: pathlib.Path, domain: str = "pydoc") -> pathlib.Path:
+  """The pair's source adapter: the shipped example on SmolLM2 for pydoc, else a LoRA trained here."""
+  return EXAMPLE_ADAPTER if (short, domain) == ("smollm2", "pydoc") else trained_lora(short, cache_dir, domain=domain)
+
+
+def pair_id(args) -> str:
+  """``source:target``, with ``/domain`` after it for text other than pydoc."""
+  return args.pair if args.domain == "pydoc" else f"{args.pair}/{args.domain}"
+
+
+def trained_reference(target: str, blocks: int) -> dict[str, Any] | None:
+  """The torch-trained upper bound of results/quality.json, or None where it has none."""
+  data = json.loads((REPO / "results" / "quality.json").read_text())
+  ref = data["targets"].get(f"{target} ({blocks} blocks)")
+  return ref if ref and ref.get("trained_nll") is not None else None
+
+
+def heldout_ids(folder: pathlib.Path, blocks: int, domain: str = "pydoc") -> np.ndarray:
+  from transformers import AutoTokenizer
+  return textdata.heldout_blocks(AutoTokenizer.from_pretrained(folder), n=blocks, block_size=128,
+                                 domain=domain).numpy().astype(np.int32)
 
 
 def block_nll(target_lm, lora, spec, ids: np.ndarray) -> np.ndarray:
@@ -117,14 +167,14 @@ def arm_config(name: str, args) -> tuple[Any, dict[str, Any]]:
 
 def record_key(pair: str, name: str, config, blocks: int) -> str:
   body = json.dumps({"pair": pair, "arm": ARMS[name], "config": dataclasses.asdict(config), "blocks": blocks}, sort_keys=True, default=str)
-  return f"{pair.replace(':', '-')}-{name}-{hashlib.sha256(body.encode()).hexdigest()[:10]}"
+  return f"{pair.replace(':', '-').replace('/', '-')}-{name}-{hashlib.sha256(body.encode()).hexdigest()[:10]}"
 
 
 def run_arm(name: str, args, state: dict[str, Any]) -> dict[str, Any]:
   from crosslora_jax.formats import peft_format
   from crosslora_jax.refine import refine_adapter
   config, extra = arm_config(name, args)
-  source_adapter = peft_format.read_adapter(EXAMPLE_ADAPTER)
+  source_adapter = peft_format.read_adapter(state["source_adapter"])
   if extra.get("null"):
     source_adapter = zero_adapter(source_adapter)
   if extra.get("random"):
@@ -132,7 +182,7 @@ def run_arm(name: str, args, state: dict[str, Any]) -> dict[str, Any]:
   init = None
   if extra.get("init") == "projection":
     from bench_quality import transfer
-    result, _ = transfer(args.source, args.target, EXAMPLE_ADAPTER, "cross_lora", 320)
+    result, _ = transfer(args.source, args.target, state["source_adapter"], "cross_lora", 320)
     init = result.adapter
   t0 = time.perf_counter()
   result = refine_adapter(state["source_dir"], source_adapter, state["target_dir"], init, config,
@@ -152,7 +202,7 @@ def run_arm(name: str, args, state: dict[str, Any]) -> dict[str, Any]:
   per_block = np.asarray(by_step[shipped_step]) if shipped_step in by_step else block_nll(
       state["target_lm"], result.lora, result.spec, state["blocks"])
   eval_seconds = time.perf_counter() - t0
-  return {"nll_by_step": by_step, "arm": name, "pair": f"{args.source}:{args.target}", "overrides": ARMS[name], "nll_blocks": per_block.tolist(),
+  return {"nll_by_step": by_step, "arm": name, "pair": pair_id(args), "overrides": ARMS[name], "nll_blocks": per_block.tolist(),
           "refine_seconds": refine_seconds, "eval_seconds": eval_seconds, "report": result.report,
           "refined": result.refined, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
           "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -213,6 +263,29 @@ def step_table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) 
   return "\n".join(lines)
 
 
+def method_table(rows: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) -> str:
+  """Per pair, the data-free projections of results/quality.json next to the refine arms: method against method.
+
+  Only refine arms at the default seed and budget; the projection rows are bench_quality's
+  (torch NLL, same held-out blocks; exact SVD, rank 320).
+  """
+  quality = json.loads((REPO / "results" / "quality.json").read_text())["rows"]
+  projections = ("cross_lora", "random", "anchored")
+  arms = ("delta", "projection+delta", "random-delta", "null-delta")
+  lines = ["| pair | " + " | ".join(f"{m} (projection)" for m in projections) + " | " + " | ".join(f"refine {a}" for a in arms) + " |",
+           "|---" * (1 + len(projections) + len(arms)) + "|"]
+  cell = lambda d, se, rec: f"{d:+.3f} ± {se:.3f} ({100 * rec:.0f}%)" if rec is not None else f"{d:+.3f} ± {se:.3f}"  # noqa: E731
+  for pair in sorted(bases, key=lambda k: (k.split(":")[0] != "smollm2", k)):
+    source, target = pair.split("/")[0].split(":")
+    found = {} if "/" in pair else {r["method"]: r for r in quality
+             if (r["source"], r["target"], r["blocks"]) == (source, target, bases[pair]["blocks"]) and str(r["rank"]) in ("320", "-")}
+    mine = {r["arm"]: r for r in rows if r["pair"] == pair and r["label"] == r["arm"]}
+    cells = [cell(found[m]["delta"], found[m]["delta_se"], found[m]["recovery"]) if m in found else "—" for m in projections]
+    cells += [cell(mine[a]["delta"], mine[a]["delta_se"], mine[a]["recovery"]) if a in mine else "—" for a in arms]
+    lines.append(f"| {source} → {target}{' (' + pair.split('/')[1] + ')' if '/' in pair else ''} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def write_results(cache_dir: pathlib.Path, out: pathlib.Path, note: str) -> None:
   records = [json.loads(f.read_text()) for f in sorted((cache_dir / "records").glob("*.json"))]
   bases = {json.loads(f.read_text())["pair"]: json.loads(f.read_text()) for f in sorted((cache_dir / "bases").glob("*.json"))}
@@ -222,13 +295,18 @@ def write_results(cache_dir: pathlib.Path, out: pathlib.Path, note: str) -> None
           "bases": {k: {kk: v[kk] for kk in ("base_nll", "trained_nll", "base_nll_reference", "blocks")} for k, v in bases.items()}}
   out.mkdir(parents=True, exist_ok=True)
   (out / "refine.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-  base_lines = [f"- {k}: base {v['base_nll']:.3f} (JAX; results/quality.md: {v['base_nll_reference']:.3f}), "
-                f"trained {v['trained_nll']:.3f} (results/quality.json), {v['blocks']} blocks" for k, v in bases.items()]
+  base_lines = [f"- {k}: base {v['base_nll']:.3f} (JAX" + (f"; results/quality.md: {v['base_nll_reference']:.3f}" if v.get("base_nll_reference") else "")
+                + f"), trained {v['trained_nll']:.3f} ({v.get('trained_by', 'torch (results/quality.json)')}), {v['blocks']} blocks"
+                for k, v in bases.items()]
   commands = sorted({r["command"] for r in records})
   md = ["# Refine by distillation from the source model (issue 12)", "", f"Measured {meta['date']} on {meta['machine']}, "
         f"{meta['cpus']} CPU cores (shared with other jobs), JAX CPU. Arms ran 2026-12-01 (the topk30 and null rows in the session before).", "", note, "", "Targets:", *base_lines, "",
         "Recovery = (base − arm) / (base − trained); s.e. is the paired standard error over blocks (the trained NLL's own "
-        "uncertainty is not in it). Tokens kept = selected / learnable student tokens of the training samples.", "", text, "",
+        "uncertainty is not in it). Tokens kept = selected / learnable student tokens of the training samples.", "",
+        "## Method against method", "",
+        "Δ held-out NLL vs the target base (± paired s.e.) and recovery; projections from results/quality.json, "
+        "refine arms at seed 0 and the default budget (the table below has every run).", "",
+        method_table(rows, bases), "", "## Every arm", "", text, "",
         "Every checked step (step 0 = the initial adapter; for a zero init, the base), with the held-back checks "
         "on teacher text the student never trained on (agreement: correlation of the student's log-prob change "
         "with the teacher's carried score; delta_error: their mean squared difference; nll_selected: the "
@@ -241,7 +319,9 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--pair", default="smollm2:qwen05", help="source:target short names (" + ", ".join(MODELS) + ")")
   p.add_argument("--arms", default="topk30,null", help="comma list of " + ", ".join(ARMS))
-  p.add_argument("--blocks", type=int, default=32, help="held-out pydoc blocks of 128 tokens")
+  p.add_argument("--blocks", type=int, default=32, help="held-out blocks of 128 tokens")
+  p.add_argument("--domain", default="pydoc", choices=textdata.DOMAINS,
+                 help="the text the source adapter is trained on and the target evaluated on (crosslora_bench.textdata)")
   for flag, kind in (("tokens", int), ("sample_tokens", int), ("steps", int), ("batch", int), ("lr", float), ("seed", int),
                      ("eval_every", int)):
     p.add_argument(f"--{flag}", type=kind, default=None, help=f"RefineConfig.{flag} for every arm (default: RefineConfig's)")
@@ -252,7 +332,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   args.source, args.target = args.pair.split(":")
   cache_dir = pathlib.Path(args.cache_dir)
-  for sub in ("records", "bases", "corpus"):
+  for sub in ("records", "bases", "corpus", "lora"):
     (cache_dir / sub).mkdir(parents=True, exist_ok=True)
   if not args.report_only:
     run(args, cache_dir)
@@ -260,26 +340,42 @@ def main(argv=None) -> int:
   return 0
 
 
+def measure_base(args, state: dict[str, Any], cache_dir: pathlib.Path) -> dict[str, Any]:
+  """The target base's per-block NLL, and the trained-on-target bound: results/quality.json's
+  torch-trained one where it has it, else a LoRA trained here by the JAX trainer, same recipe."""
+  t0 = time.perf_counter()
+  per_block = block_nll(state["target_lm"], None, None, state["blocks"])
+  ref = trained_reference(args.target, args.blocks) if args.domain == "pydoc" else None
+  record = {"pair": pair_id(args), "domain": args.domain, "blocks": args.blocks, "nll_blocks": per_block.tolist(), "base_nll": float(per_block.mean()),
+            "base_nll_reference": ref["base_nll"] if ref else None}
+  if ref:
+    record.update(trained_nll=ref["trained_nll"], trained_by="torch (results/quality.json)")
+  else:
+    from crosslora_jax.formats import peft_format
+    from crosslora_jax.lm.lora import lora_from_peft
+    adapter = peft_format.read_adapter(trained_lora(args.target, cache_dir, state["target_lm"], args.domain))
+    lora, spec = lora_from_peft(adapter, state["target_lm"].config)
+    trained = block_nll(state["target_lm"], lora, spec, state["blocks"])
+    record.update(trained_nll=float(trained.mean()), trained_blocks=trained.tolist(), trained_by="JAX (trained here)")
+  record["seconds"] = time.perf_counter() - t0
+  log(f"base NLL {record['base_nll']:.4f} (reference {record['base_nll_reference']}), trained {record['trained_nll']:.4f} "
+      f"({record['trained_by']}) in {record['seconds']:.0f} s")
+  return record
+
+
 def run(args, cache_dir: pathlib.Path) -> None:
   from crosslora_jax.refine import runtime
-  state = {"source_dir": zoo.fetch_model(MODELS[args.source]), "target_dir": zoo.fetch_model(MODELS[args.target])}
+  state = {"source_dir": zoo.fetch_model(MODELS[args.source]), "target_dir": zoo.fetch_model(MODELS[args.target]),
+           "source_adapter": source_adapter_dir(args.source, cache_dir, args.domain)}
   state["target_lm"] = runtime.load_lm(state["target_dir"], None, "float32")
-  state["blocks"] = heldout_ids(state["target_dir"], args.blocks)
-  base_file = cache_dir / "bases" / f"{args.pair.replace(':', '-')}-{args.blocks}.json"
-  if base_file.exists():
-    state["base_blocks"] = json.loads(base_file.read_text())["nll_blocks"]
-  else:
-    t0 = time.perf_counter()
-    per_block = block_nll(state["target_lm"], None, None, state["blocks"])
-    ref = trained_reference(args.target, args.blocks)
-    base_file.write_text(json.dumps({"pair": args.pair, "blocks": args.blocks, "nll_blocks": per_block.tolist(),
-                                     "base_nll": float(per_block.mean()), "base_nll_reference": ref["base_nll"],
-                                     "trained_nll": ref["trained_nll"], "seconds": time.perf_counter() - t0}))
-    state["base_blocks"] = per_block.tolist()
-    log(f"base NLL {per_block.mean():.4f} (reference {ref['base_nll']:.4f}) in {time.perf_counter() - t0:.0f} s")
+  state["blocks"] = heldout_ids(state["target_dir"], args.blocks, args.domain)
+  base_file = cache_dir / "bases" / f"{pair_id(args).replace(':', '-').replace('/', '-')}-{args.blocks}.json"
+  if not base_file.exists():
+    base_file.write_text(json.dumps(measure_base(args, state, cache_dir)))
+  state["base_blocks"] = json.loads(base_file.read_text())["nll_blocks"]
   for name in args.arms.split(","):
     config, _ = arm_config(name, args)
-    out = cache_dir / "records" / f"{record_key(args.pair, name, config, args.blocks)}.json"
+    out = cache_dir / "records" / f"{record_key(pair_id(args), name, config, args.blocks)}.json"
     if out.exists():
       log(f"{name}: cached")
       continue
