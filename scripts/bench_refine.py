@@ -95,7 +95,7 @@ def random_adapter(adapter, seed: int = 0):
   return peft_format.PeftAdapter(dict(adapter.config), modules, path=None)
 
 
-def trained_lora(short: str, cache_dir: pathlib.Path, model=None, domain: str = "pydoc") -> pathlib.Path:
+def trained_lora(short: str, cache_dir: pathlib.Path, model=None, domain: str = "pydoc", lr: float | None = None) -> pathlib.Path:
   """A LoRA trained on ``short`` with bench_quality's RECIPE on ``domain``'s training text, by the JAX
   trainer, cached under cache_dir/lora.
 
@@ -103,24 +103,26 @@ def trained_lora(short: str, cache_dir: pathlib.Path, model=None, domain: str = 
   example), and the upper bound of a target that results/quality.json has none for. The
   recipe's schedule is textdata.train_lora's: one warm-up step, cosine to 0, AdamW without
   weight decay, clip 1.0; results/lm.md measured this trainer equal to torch's on SmolLM2.
-  ``model``: the already loaded ``short`` (float32), so a 1.5B target is not held twice.
+  ``model``: the already loaded ``short`` (float32), so a 1.5B target is not held twice; ``lr``
+  replaces the recipe's learning rate (a second upper bound, see measure_bound).
   """
+  recipe = {**RECIPE, **({"lr": lr} if lr is not None else {})}
   from transformers import AutoTokenizer
   from crosslora_jax import lm as jlm
   from crosslora_jax.lm.train import TrainConfig, train_lora
-  tag = hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode()).hexdigest()[:8]
+  tag = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
   out = cache_dir / "lora" / (f"{short}-jax-{tag}" if domain == "pydoc" else f"{short}-{domain}-jax-{tag}")
   if (out / "train_info.json").exists():
     return out
   folder = zoo.fetch_model(MODELS[short])
-  blocks = textdata.token_blocks(AutoTokenizer.from_pretrained(folder), textdata.train_texts(domain), RECIPE["block_size"])
-  config = TrainConfig(steps=RECIPE["steps"], batch=RECIPE["batch_size"], lr=RECIPE["lr"], warmup=max(1, RECIPE["steps"] // 10),
-                       schedule="cosine", weight_decay=0.0, clip_norm=1.0, seed=RECIPE["seed"])
-  spec = jlm.LoraSpec(r=RECIPE["r"], alpha=RECIPE["alpha"], target_modules=textdata.SEVEN_MODULES)
-  log(f"training a LoRA on {short} ({domain}) with {RECIPE} (JAX, not cached)")
+  blocks = textdata.token_blocks(AutoTokenizer.from_pretrained(folder), textdata.train_texts(domain), recipe["block_size"])
+  config = TrainConfig(steps=recipe["steps"], batch=recipe["batch_size"], lr=recipe["lr"], warmup=max(1, recipe["steps"] // 10),
+                       schedule="cosine", weight_decay=0.0, clip_norm=1.0, seed=recipe["seed"])
+  spec = jlm.LoraSpec(r=recipe["r"], alpha=recipe["alpha"], target_modules=textdata.SEVEN_MODULES)
+  log(f"training a LoRA on {short} ({domain}) with {recipe} (JAX, not cached)")
   result = train_lora(model if model is not None else jlm.load(folder), blocks.numpy().astype(np.int32), config, spec=spec, output=out, overwrite=True,
                       save_dtype="float16")
-  (out / "train_info.json").write_text(json.dumps({"recipe": RECIPE, "domain": domain, "trainer": "crosslora_jax.lm.train.train_lora",
+  (out / "train_info.json").write_text(json.dumps({"recipe": recipe, "domain": domain, "trainer": "crosslora_jax.lm.train.train_lora",
                                                    "train_seconds": result.seconds, "compile_seconds": result.compile_seconds,
                                                    "losses": result.losses}, indent=1))
   log(f"trained {short} in {result.seconds:.0f} s (+ {result.compile_seconds:.0f} s compile) -> {out}")
@@ -228,7 +230,8 @@ def table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) -> tu
     arm, ref = np.asarray(rec["nll_blocks"]), np.asarray(base["nll_blocks"])
     delta, delta_se = float(arm.mean() - ref.mean()), textdata.paired_se(arm, ref)
     gain = base["base_nll"] - base["trained_nll"]
-    recovery, recovery_se = -delta / gain, delta_se / gain
+    # A bound no better than the base (gain <= 0) defines no recovery.
+    recovery, recovery_se = (-delta / gain, delta_se / gain) if gain > 0 else (None, None)
     tokens = rec["report"]["tokens"]
     rows.append({**{k: rec[k] for k in ("pair", "arm", "refined", "refine_seconds", "eval_seconds", "peak_rss_gb")},
                  "label": arm_label(rec),
@@ -236,7 +239,7 @@ def table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) -> tu
                  "recovery_se": recovery_se, "best_step": rec["report"]["best_step"], "tokens": tokens,
                  "heldout": rec["report"]["heldout"], "losses": rec["report"]["losses"], "config": rec["report"]["config"]})
     lines.append(f"| {rec['pair']} | {arm_label(rec)} | {arm.mean():.3f} | {delta:+.3f} (± {delta_se:.3f}) | "
-                 f"{100 * recovery:.0f}% (± {100 * recovery_se:.0f}%) | {rec['report']['shipped']} | {rec['report']['best_step']} | "
+                 f"{'—' if recovery is None else f'{100 * recovery:.0f}% (± {100 * recovery_se:.0f}%)'} | {rec['report']['shipped']} | {rec['report']['best_step']} | "
                  f"{tokens['selected_tokens']}/{tokens['learnable_tokens']} | {rec['refine_seconds']:.0f} | {rec['eval_seconds']:.0f} |")
   return rows, "\n".join(lines)
 
@@ -258,7 +261,7 @@ def step_table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) 
       se = textdata.paired_se(arm, ref) if delta != 0.0 else 0.0
       e = checks.get(step, {})
       lines.append(f"| {rec['pair']} | {arm_label(rec)} | {step} | {arm.mean():.3f} | {delta:+.3f} (± {se:.3f}) | "
-                   f"{-100 * delta / gain:.0f}% | {e.get('agreement', float('nan')):.3f} | "
+                   f"{f'{-100 * delta / gain:.0f}%' if gain > 0 else '—'} | {e.get('agreement', float('nan')):.3f} | "
                    f"{e.get('delta_error', float('nan')):.3f} | {e.get('nll_selected', float('nan')):.3f} |")
   return "\n".join(lines)
 
@@ -289,19 +292,25 @@ def method_table(rows: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) -
 def write_results(cache_dir: pathlib.Path, out: pathlib.Path, note: str) -> None:
   records = [json.loads(f.read_text()) for f in sorted((cache_dir / "records").glob("*.json"))]
   bases = {json.loads(f.read_text())["pair"]: json.loads(f.read_text()) for f in sorted((cache_dir / "bases").glob("*.json"))}
+  bound_lines = best_bounds(cache_dir, bases)
   rows, text = table(records, bases)
   meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": platform.machine(),
           "cpus": os.cpu_count(), "note": note,
-          "bases": {k: {kk: v[kk] for kk in ("base_nll", "trained_nll", "base_nll_reference", "blocks")} for k, v in bases.items()}}
+          "bases": {k: {kk: v[kk] for kk in ("base_nll", "trained_nll", "trained_nll_recipe", "base_nll_reference", "blocks")}
+                    for k, v in bases.items()}}
   out.mkdir(parents=True, exist_ok=True)
   (out / "refine.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
   base_lines = [f"- {k}: base {v['base_nll']:.3f} (JAX" + (f"; results/quality.md: {v['base_nll_reference']:.3f}" if v.get("base_nll_reference") else "")
-                + f"), trained {v['trained_nll']:.3f} ({v.get('trained_by', 'torch (results/quality.json)')}), {v['blocks']} blocks"
-                for k, v in bases.items()]
+                + f"), trained {v['trained_nll_recipe']:.3f} ({v.get('trained_by', 'torch (results/quality.json)')}, "
+                f"bench_quality's recipe {RECIPE}), {v['blocks']} blocks" for k, v in bases.items()] + bound_lines
+  sources = [json.loads(f.read_text()) for f in sorted((cache_dir / "sources").glob("*.json"))]
+  base_lines += ["", "Source adapters (their own gain on the source base, same held-out blocks, JAX):",
+                 *[f"- {v['source']} ({v['domain']}): base {v['base_nll']:.3f}, with the adapter {v['adapter_nll']:.3f}, "
+                   f"gain {v['gain']:.3f} ± {v['gain_se']:.3f} (`{pathlib.Path(v['adapter']).name}`)" for v in sources]]
   commands = sorted({r["command"] for r in records})
-  md = ["# Refine by distillation from the source model (issue 12)", "", f"Measured {meta['date']} on {meta['machine']}, "
+  md = ["# Refine by distillation from the source model", "", f"Measured {meta['date']} on {meta['machine']}, "
         f"{meta['cpus']} CPU cores (shared with other jobs), JAX CPU. Arms ran 2026-12-01 (the topk30 and null rows in the session before).", "", note, "", "Targets:", *base_lines, "",
-        "Recovery = (base − arm) / (base − trained); s.e. is the paired standard error over blocks (the trained NLL's own "
+        "Recovery = (base − arm) / (base − trained), *trained* = the best bound measured for that target; s.e. is the paired standard error over blocks (the trained NLL's own "
         "uncertainty is not in it). Tokens kept = selected / learnable student tokens of the training samples.", "",
         "## Method against method", "",
         "Δ held-out NLL vs the target base (± paired s.e.) and recovery; projections from results/quality.json, "
@@ -325,6 +334,8 @@ def main(argv=None) -> int:
   for flag, kind in (("tokens", int), ("sample_tokens", int), ("steps", int), ("batch", int), ("lr", float), ("seed", int),
                      ("eval_every", int)):
     p.add_argument(f"--{flag}", type=kind, default=None, help=f"RefineConfig.{flag} for every arm (default: RefineConfig's)")
+  p.add_argument("--bound_lr", type=float, action="append", default=[],
+                 help="also train the target's bound at this learning rate (repeatable); recovery uses the best bound measured")
   p.add_argument("--cache_dir", default=str(REPO / ".cache" / "bench_refine"))
   p.add_argument("--out", default=str(REPO / "results"))
   p.add_argument("--note", default="", help="a status paragraph for the top of refine.md")
@@ -332,7 +343,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   args.source, args.target = args.pair.split(":")
   cache_dir = pathlib.Path(args.cache_dir)
-  for sub in ("records", "bases", "corpus", "lora"):
+  for sub in ("records", "bases", "corpus", "lora", "sources", "bounds"):
     (cache_dir / sub).mkdir(parents=True, exist_ok=True)
   if not args.report_only:
     run(args, cache_dir)
@@ -363,15 +374,68 @@ def measure_base(args, state: dict[str, Any], cache_dir: pathlib.Path) -> dict[s
   return record
 
 
+def source_gain(args, state: dict[str, Any], cache_dir: pathlib.Path) -> dict[str, Any]:
+  """The source adapter's own gain on the source base, same held-out blocks: what a perfect move could bring."""
+  path = cache_dir / "sources" / f"{args.source}-{args.domain}-{args.blocks}.json"
+  if path.exists():
+    return json.loads(path.read_text())
+  from crosslora_jax.formats import peft_format
+  from crosslora_jax.lm.lora import lora_from_peft
+  from crosslora_jax.refine import runtime
+  model = runtime.load_lm(state["source_dir"], None, "float32")
+  ids = heldout_ids(state["source_dir"], args.blocks, args.domain)
+  lora, spec = lora_from_peft(peft_format.read_adapter(state["source_adapter"]), model.config)
+  base, tuned = block_nll(model, None, None, ids), block_nll(model, lora, spec, ids)
+  record = {"source": args.source, "domain": args.domain, "blocks": args.blocks, "adapter": str(state["source_adapter"]),
+            "base_nll": float(base.mean()), "adapter_nll": float(tuned.mean()), "gain": float(base.mean() - tuned.mean()),
+            "gain_se": textdata.paired_se(tuned, base)}
+  path.write_text(json.dumps(record))
+  log(f"source {args.source} ({args.domain}): base {record['base_nll']:.4f}, with its adapter {record['adapter_nll']:.4f}")
+  return record
+
+
+def measure_bound(args, state: dict[str, Any], cache_dir: pathlib.Path, lr: float) -> None:
+  """A second trained-on-target bound: the recipe at learning rate ``lr`` (4e-3 makes Qwen's loss spike)."""
+  path = cache_dir / "bounds" / f"{args.target}-{args.domain}-{args.blocks}-lr{lr:g}.json"
+  if path.exists():
+    return
+  from crosslora_jax.formats import peft_format
+  from crosslora_jax.lm.lora import lora_from_peft
+  folder = trained_lora(args.target, cache_dir, state["target_lm"], args.domain, lr=lr)
+  lora, spec = lora_from_peft(peft_format.read_adapter(folder), state["target_lm"].config)
+  nll = block_nll(state["target_lm"], lora, spec, state["blocks"])
+  path.write_text(json.dumps({"target": args.target, "domain": args.domain, "blocks": args.blocks, "lr": lr,
+                              "recipe": json.loads((folder / "train_info.json").read_text())["recipe"],
+                              "trained_nll": float(nll.mean()), "nll_blocks": nll.tolist()}))
+  log(f"bound {args.target} ({args.domain}) at lr {lr:g}: NLL {nll.mean():.4f}")
+
+
+def best_bounds(cache_dir: pathlib.Path, bases: dict[str, dict[str, Any]]) -> list[str]:
+  """Every base's trained_nll becomes the best bound measured for its target, domain and blocks; returns their lines."""
+  bounds = [json.loads(f.read_text()) for f in sorted((cache_dir / "bounds").glob("*.json"))]
+  lines = []
+  for pair, base in bases.items():
+    target, domain = pair.split("/")[0].split(":")[1], base.get("domain", "pydoc")
+    found = [b for b in bounds if (b["target"], b["domain"], b["blocks"]) == (target, domain, base["blocks"])]
+    for b in found:
+      lines.append(f"- {pair}: a second bound, the recipe at lr {b['lr']:g} (JAX): trained {b['trained_nll']:.3f}")
+    base["trained_nll_recipe"] = base["trained_nll"]
+    base["trained_nll"] = min([base["trained_nll"]] + [b["trained_nll"] for b in found])
+  return lines
+
+
 def run(args, cache_dir: pathlib.Path) -> None:
   from crosslora_jax.refine import runtime
   state = {"source_dir": zoo.fetch_model(MODELS[args.source]), "target_dir": zoo.fetch_model(MODELS[args.target]),
            "source_adapter": source_adapter_dir(args.source, cache_dir, args.domain)}
+  source_gain(args, state, cache_dir)
   state["target_lm"] = runtime.load_lm(state["target_dir"], None, "float32")
   state["blocks"] = heldout_ids(state["target_dir"], args.blocks, args.domain)
   base_file = cache_dir / "bases" / f"{pair_id(args).replace(':', '-').replace('/', '-')}-{args.blocks}.json"
   if not base_file.exists():
     base_file.write_text(json.dumps(measure_base(args, state, cache_dir)))
+  for lr in args.bound_lr:
+    measure_bound(args, state, cache_dir, lr)
   state["base_blocks"] = json.loads(base_file.read_text())["nll_blocks"]
   for name in args.arms.split(","):
     config, _ = arm_config(name, args)
