@@ -168,7 +168,9 @@ def arm_config(name: str, args) -> tuple[Any, dict[str, Any]]:
 
 
 def record_key(pair: str, name: str, config, blocks: int) -> str:
-  body = json.dumps({"pair": pair, "arm": ARMS[name], "config": dataclasses.asdict(config), "blocks": blocks}, sort_keys=True, default=str)
+  """The record's file name: what the arm measures, not where the cache lives."""
+  settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "cache_dir"}
+  body = json.dumps({"pair": pair, "arm": ARMS[name], "config": settings, "blocks": blocks}, sort_keys=True, default=str)
   return f"{pair.replace(':', '-').replace('/', '-')}-{name}-{hashlib.sha256(body.encode()).hexdigest()[:10]}"
 
 
