@@ -272,7 +272,7 @@ def method_table(rows: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) -
   """Per pair, the data-free projections of results/quality.json next to the refine arms: method against method.
 
   Only refine arms at the default seed and budget; the projection rows are bench_quality's
-  (torch NLL, same held-out blocks; exact SVD, rank 320).
+  (torch NLL, same held-out blocks; exact SVD, rank 320), their recovery against the same bound.
   """
   quality = json.loads((REPO / "results" / "quality.json").read_text())["rows"]
   projections = ("cross_lora", "random", "anchored")
@@ -285,7 +285,9 @@ def method_table(rows: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) -
     found = {} if "/" in pair else {r["method"]: r for r in quality
              if (r["source"], r["target"], r["blocks"]) == (source, target, bases[pair]["blocks"]) and str(r["rank"]) in ("320", "-")}
     mine = {r["arm"]: r for r in rows if r["pair"] == pair and r["label"] == r["arm"]}
-    cells = [cell(found[m]["delta"], found[m]["delta_se"], found[m]["recovery"]) if m in found else "—" for m in projections]
+    gain = bases[pair]["base_nll"] - bases[pair]["trained_nll"]  # the same best bound as the refine arms
+    cells = [cell(found[m]["delta"], found[m]["delta_se"], -found[m]["delta"] / gain if gain > 0 else None)
+             if m in found else "—" for m in projections]
     cells += [cell(mine[a]["delta"], mine[a]["delta_se"], mine[a]["recovery"]) if a in mine else "—" for a in arms]
     lines.append(f"| {source} → {target}{' (' + pair.split('/')[1] + ')' if '/' in pair else ''} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
