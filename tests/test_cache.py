@@ -41,13 +41,13 @@ def models():
 def decompositions(monkeypatch):
   """Counts the weights that go through the SVD kernel."""
   calls = []
-  real = sharding.truncated_svd_layers
+  real = sharding.truncated_svd_stacks
 
-  def spy(w_loi, keys, **kw):
-    calls.append(int(w_loi.shape[0]))
-    return real(w_loi, keys, **kw)
+  def spy(stacks, layer_ids, **kw):
+    calls.append(sum(int(w.shape[0]) for w in stacks))
+    return real(stacks, layer_ids, **kw)
 
-  monkeypatch.setattr(sharding, "truncated_svd_layers", spy)
+  monkeypatch.setattr(sharding, "truncated_svd_stacks", spy)
   return calls
 
 

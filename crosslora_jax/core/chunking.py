@@ -1,14 +1,20 @@
-"""How the engine walks a module: layers in near-equal chunks, the next chunk read ahead, the time split.
+"""How the engine walks a module: layers in near-equal chunks, the next chunk read ahead, a chunk's
+subspaces and overlaps, the time split.
 
 Helpers of :mod:`crosslora_jax.core.engine` that read a ``TransferRun`` but own none of it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from crosslora_jax.core import planning
+import numpy as np
+
+from crosslora_jax.core import kernels, planning
+
+Layout = tuple[tuple[int, int], ...]  # (source layer, target layer) per row
 
 
 def even_chunks(layers: Sequence[int], chunk: int) -> list[list[int]]:
@@ -51,3 +57,48 @@ def timing(run: Any, seconds: float) -> dict[str, float]:
   split = {"read": sum(s.seconds_read for s in subs), "decompose": sum(s.seconds_decompose for s in subs),
            "project": run.seconds_project}
   return {**split, "other": max(seconds - sum(split.values()), 0.0)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkSubspaces:
+  """One chunk's subspaces, the row of each layer in them, and the report's overlaps."""
+
+  source: kernels.Subspace | None  # (L_s, ...) over the chunk's source layers
+  target: kernels.Subspace | None  # (L_t, ...) over the chunk's target layers
+  source_row: dict[int, int]
+  target_row: dict[int, int]
+  overlap: dict[tuple[int, int], float]  # (source layer, target layer) -> mean subspace overlap of U and V
+
+  def for_layout(self, layout: Sequence[tuple[int, int]]) -> tuple[kernels.Subspace | None, kernels.Subspace | None]:
+    """Subspaces stacked in the order of ``layout``'s (source layer, target layer) pairs."""
+    source = None if self.source is None else take_rows(self.source, [self.source_row[i] for i, _ in layout])
+    target = None if self.target is None else take_rows(self.target, [self.target_row[j] for _, j in layout])
+    return source, target
+
+
+def record_overlaps(subs: ChunkSubspaces, layout: Layout, extras_of_one: list[dict[str, Any]]) -> None:
+  """The report's overlap of each (source layer, target layer) pair of ``layout``, once per pair.
+
+  From the method's projection when it gave them (cross_lora: the same program), else
+  computed here; report only, shared by all adapters.
+  """
+  if subs.source is None:
+    return
+  given = [e.get("overlap") for e in extras_of_one]
+  if all(x is not None for x in given):
+    subs.overlap.update({pair: x for pair, x in zip(layout, given) if pair not in subs.overlap})
+    return
+  pairs = sorted(set(layout) - set(subs.overlap))
+  if pairs:
+    ps, pt = subs.for_layout(pairs)
+    subs.overlap.update(zip(pairs, kernels.pair_overlaps(ps, pt).tolist()))
+
+
+def without_overlap(extra: dict[str, Any]) -> dict[str, Any]:
+  """A method's extra report fields less ``overlap``, which the entry takes from the pair's one value."""
+  return {k: v for k, v in extra.items() if k != "overlap"}
+
+
+def take_rows(sub: kernels.Subspace, rows: Sequence[int]) -> kernels.Subspace:
+  idx = np.asarray(rows)
+  return kernels.Subspace(*(x[idx] for x in sub))

@@ -39,7 +39,9 @@ class ProjectionBatch:
   context: Any = None  # what Method.prepare returned for this run
 
 
-# (batch) -> (Projected of (N, L, ...) arrays, per adapter per item extra report fields or None)
+# (batch) -> (Projected of (N, L, ...) arrays, per adapter per item extra report fields or None).
+# An "overlap" extra is the report's subspace overlap of the item's layer pair: a method that
+# computes it in its own projection program saves the engine a program per shape pair.
 BatchProjection = Callable[[ProjectionBatch], "tuple[kernels.Projected, list[list[dict[str, Any]]] | None]"]
 # (sub_s, sub_t, a_ri, b_or, *, out_t, in_t, solver) -> Projected of one module; pure, jittable.
 ModuleProjection = Callable[..., kernels.Projected]
