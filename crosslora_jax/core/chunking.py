@@ -76,22 +76,42 @@ class ChunkSubspaces:
     return source, target
 
 
-def record_overlaps(subs: ChunkSubspaces, layout: Layout, extras_of_one: list[dict[str, Any]]) -> None:
+def cached_overlaps(run: Any, module: str, rank: int, subs: ChunkSubspaces, layout: Layout) -> bool:
+  """Takes the report's overlaps of ``layout``'s pairs from the cache; whether any is still missing."""
+  if subs.source is None:
+    return False
+  missing = [pair for pair in layout if pair not in subs.overlap]
+  if run.cache is not None:
+    for pair in missing:
+      value = run.cache.load_overlap(*_overlap_keys(run, module, rank, pair))
+      if value is not None:
+        subs.overlap[pair] = value
+  return any(pair not in subs.overlap for pair in layout)
+
+
+def record_overlaps(run: Any, module: str, rank: int, subs: ChunkSubspaces, layout: Layout,
+                    extras_of_one: list[dict[str, Any]]) -> None:
   """The report's overlap of each (source layer, target layer) pair of ``layout``, once per pair.
 
   From the method's projection when it gave them (cross_lora: the same program), else
-  computed here; report only, shared by all adapters.
+  computed here; report only, shared by all adapters; new ones go to the cache.
   """
   if subs.source is None:
     return
   given = [e.get("overlap") for e in extras_of_one]
+  new = sorted(set(layout) - set(subs.overlap))
   if all(x is not None for x in given):
-    subs.overlap.update({pair: x for pair, x in zip(layout, given) if pair not in subs.overlap})
-    return
-  pairs = sorted(set(layout) - set(subs.overlap))
-  if pairs:
-    ps, pt = subs.for_layout(pairs)
-    subs.overlap.update(zip(pairs, kernels.pair_overlaps(ps, pt).tolist()))
+    subs.overlap.update({pair: x for pair, x in zip(layout, given) if pair in new})
+  elif new:
+    ps, pt = subs.for_layout(new)
+    subs.overlap.update(zip(new, kernels.pair_overlaps(ps, pt).tolist()))
+  if run.cache is not None:
+    for pair in new:
+      run.cache.store_overlap(*_overlap_keys(run, module, rank, pair), subs.overlap[pair])
+
+
+def _overlap_keys(run: Any, module: str, rank: int, pair: tuple[int, int]):
+  return (run.subspaces_source.entry_key(module, pair[0], rank), run.subspaces_target.entry_key(module, pair[1], rank))
 
 
 def without_overlap(extra: dict[str, Any]) -> dict[str, Any]:

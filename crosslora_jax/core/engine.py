@@ -37,7 +37,7 @@ from crosslora_jax.core import calibration, chunking, distributed, kernels, plan
 from crosslora_jax.core.sharding import blas_threads
 from crosslora_jax.core.cache import SubspaceCache
 from crosslora_jax.core.chunking import (ChunkSubspaces, even_chunks, module_chunks, prefetch_chunk,
-                                         record_overlaps, timing, without_overlap)
+                                         cached_overlaps, record_overlaps, timing, without_overlap)
 from crosslora_jax.core.report import Report
 from crosslora_jax.core.subspaces import Subspaces, WeightNorms, get_together, module_index
 from crosslora_jax.errors import CrossLoraError
@@ -315,11 +315,12 @@ def project_group(run: TransferRun, module: str, rank: int, subs: ChunkSubspaces
       a_nlri=np.stack([np.stack([np.asarray(w.factors.a_ri, np.float32) for w in items]) for _, items in members]),
       b_nlor=np.stack([np.stack([np.asarray(w.factors.b_or, np.float32) for w in items]) for _, items in members]),
       sub_source=sub_s, sub_target=sub_t, target_shape=run.target.arch.shape(module),
-      items=[items for _, items in members], solver=run.config.solver, context=run.context)
+      items=[items for _, items in members], solver=run.config.solver, context=run.context,
+      overlaps_wanted=cached_overlaps(run, module, rank, subs, layout))
   proj, extras = run.method.project(batch)
   proj = jax.tree.map(np.asarray, proj)
   extras = extras or [[{} for _ in layout] for _ in members]
-  record_overlaps(subs, layout, extras[0])
+  record_overlaps(run, module, rank, subs, layout, extras[0])
   run.seconds_project += time.perf_counter() - t0
   seconds = (time.perf_counter() - t0) / len(members)
   for row, (n, items) in enumerate(members):

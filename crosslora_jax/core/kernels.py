@@ -300,25 +300,31 @@ def project_cross_lora_adapters(sub_s: Subspace, sub_t: Subspace, a_nlri, b_nlor
 
 
 def project_cross_lora_adapters_and_overlaps(sub_s: Subspace, sub_t: Subspace, a_nlri, b_nlor, *,
-                                             solver: str = "closed") -> tuple[Projected, np.ndarray]:
+                                             solver: str = "closed",
+                                             with_overlaps: bool = True) -> tuple[Projected, np.ndarray | None]:
   """:func:`project_cross_lora_adapters` and, from the same compiled program, the report's
   overlap per layer row, (L,) numpy: the mean of the U and V subspace overlaps (:func:`pair_overlaps`).
 
   One program per oriented shape pair does both, so a cold run builds no program
-  for the overlaps (they cost d·r² per side against the projections' small matmuls).
+  for the overlaps. They cost far more than the projections (two (r, r) eigh per side
+  and layer against small matmuls), so ``with_overlaps=False`` (all of them cached)
+  skips them inside the same program and returns None for them.
   """
+  want = np.bool_(with_overlaps)
   if sub_s.u.shape[-2] >= sub_s.v.shape[-2]:
-    proj, overlap = _project_cross_lora_adapters(sub_s, sub_t, a_nlri, b_nlor, solver=solver)
-    return proj, np.asarray(overlap)
-  flip = lambda sub: Subspace(sub.v, sub.s, sub.u, sub.energy)
-  swap = lambda x: np.swapaxes(np.asarray(x), -1, -2)
-  out, overlap = _project_cross_lora_adapters(flip(sub_s), flip(sub_t), swap(b_nlor), swap(a_nlri), solver=solver)
-  return Projected(swap(out.b_or), swap(out.a_ri), out.norm_ratio), np.asarray(overlap)
+    proj, overlap = _project_cross_lora_adapters(sub_s, sub_t, a_nlri, b_nlor, want, solver=solver)
+  else:
+    flip = lambda sub: Subspace(sub.v, sub.s, sub.u, sub.energy)
+    swap = lambda x: np.swapaxes(np.asarray(x), -1, -2)
+    out, overlap = _project_cross_lora_adapters(flip(sub_s), flip(sub_t), swap(b_nlor), swap(a_nlri), want,
+                                                solver=solver)
+    proj = Projected(swap(out.b_or), swap(out.a_ri), out.norm_ratio)
+  return proj, np.asarray(overlap) if with_overlaps else None
 
 
 @functools.partial(jax.jit, static_argnames=("solver",))
-def _project_cross_lora_adapters(sub_s: Subspace, sub_t: Subspace, a_nlri: jax.Array, b_nlor: jax.Array, *,
-                                 solver: str) -> tuple[Projected, jax.Array]:
+def _project_cross_lora_adapters(sub_s: Subspace, sub_t: Subspace, a_nlri: jax.Array, b_nlor: jax.Array,
+                                 with_overlaps: jax.Array, *, solver: str) -> tuple[Projected, jax.Array]:
   fn = functools.partial(project_cross_lora, solver=solver)
   if solver == "lstsq":  # LAPACK inside: one matrix per call on CPU (map_layers)
     proj = map_layers(lambda a, b: map_layers(fn, sub_s, sub_t, a, b), a_nlri, b_nlor)
@@ -327,7 +333,9 @@ def _project_cross_lora_adapters(sub_s: Subspace, sub_t: Subspace, a_nlri: jax.A
   # after the projections (an optimization barrier orders them): the overlaps' eigh loops
   # must not run beside the lstsq solver's LAPACK loops (see map_layers)
   proj, sub_s, sub_t = lax.optimization_barrier((proj, sub_s, sub_t))
-  return proj, _mean_overlap(sub_s.u, sub_t.u, sub_s.v, sub_t.v)
+  overlap = lax.cond(with_overlaps, lambda: _mean_overlap(sub_s.u, sub_t.u, sub_s.v, sub_t.v),
+                     lambda: jnp.zeros(sub_s.u.shape[:1], jnp.float32))
+  return proj, overlap
 
 
 @jax.jit

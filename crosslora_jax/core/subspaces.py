@@ -74,7 +74,7 @@ class Subspaces:
     """Takes what the cache holds of ``layers``; returns the layers still missing."""
     missing = []
     for l in layers:
-      sub = self.cache.load(self._entry_key(module, l, rank))
+      sub = self.cache.load(self.entry_key(module, l, rank))
       if sub is None:
         missing.append(l)
       else:
@@ -96,7 +96,7 @@ class Subspaces:
       key = (module, l)
       if key in self._reads or (module, l, rank) in self._memo:
         continue
-      if self.cache is not None and self.cache.path(self._entry_key(module, l, rank)).exists():
+      if self.cache is not None and self.cache.path(self.entry_key(module, l, rank)).exists():
         continue
       if self._reader is None:
         self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights")
@@ -140,7 +140,7 @@ class Subspaces:
       layer_sub = kernels.Subspace(u[row].copy(), batch.s[row].copy(), v[row].copy(), batch.energy[row].copy())
       self._memo[(module, l, rank)] = layer_sub
       if self.cache is not None:
-        self.cache.store(self._entry_key(module, l, rank), layer_sub, describe={"name": self.base.name})
+        self.cache.store(self.entry_key(module, l, rank), layer_sub, describe={"name": self.base.name})
     self.computed += len(layers)
 
   def holds(self, module: str, layer: int, rank: int) -> bool:
@@ -157,7 +157,7 @@ class Subspaces:
     for key in [k for k in self._memo if k[0] == module and k[1] not in keep]:
       del self._memo[key]
 
-  def _entry_key(self, module: str, layer: int, rank: int) -> EntryKey:
+  def entry_key(self, module: str, layer: int, rank: int) -> EntryKey:
     return EntryKey.make(self._model_id, module, layer, self.base.arch.shape(module), rank=rank,
                          method=self.config.svd, seed=self.config.seed, n_oversamples=self.config.n_oversamples,
                          n_power_iter=self.config.n_power_iter)

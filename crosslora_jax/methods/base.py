@@ -37,6 +37,7 @@ class ProjectionBatch:
   items: Sequence[Sequence[WorkItem]]  # per adapter, its L work items
   solver: str  # "closed" or "lstsq"
   context: Any = None  # what Method.prepare returned for this run
+  overlaps_wanted: bool = True  # False: the report's overlaps of this layout are known (cached) already
 
 
 # (batch) -> (Projected of (N, L, ...) arrays, per adapter per item extra report fields or None).

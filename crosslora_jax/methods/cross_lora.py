@@ -13,7 +13,10 @@ from crosslora_jax.methods.base import Method, ProjectionBatch
 def project(batch: ProjectionBatch):
   """The batch's projections and, per layer row, the report's overlap (computed in the same program)."""
   proj, overlap = kernels.project_cross_lora_adapters_and_overlaps(
-      batch.sub_source, batch.sub_target, batch.a_nlri, batch.b_nlor, solver=batch.solver)
+      batch.sub_source, batch.sub_target, batch.a_nlri, batch.b_nlor, solver=batch.solver,
+      with_overlaps=batch.overlaps_wanted)
+  if overlap is None:
+    return proj, None
   per_row = [{"overlap": x} for x in overlap.tolist()]
   return proj, [per_row for _ in batch.items]
 
