@@ -3,6 +3,8 @@
   python scripts/bench_quality.py                       # everything (hours on 2 CPU cores)
   python scripts/bench_quality.py --pairs smollm2:smollm2 --blocks 32
   python scripts/bench_quality.py --report_only         # rebuild results/ from the cache
+  python scripts/bench_quality.py --pairs smollm2:qwen05 --methods none --refine_arms delta,random-delta
+                                                        # + refine arms (scripts/bench_refine.py, results/refine.md)
 
 For each (source -> target) pair and method, the target's mean token NLL on the
 held-out pydoc text (crosslora_bench.textdata) with the transferred adapter, against
@@ -564,6 +566,8 @@ def main(argv=None) -> int:
   p.add_argument("--out", default=str(REPO / "results"))
   p.add_argument("--report_only", action="store_true", help="only rebuild results/ from the cache")
   p.add_argument("--note", default="", help="a status paragraph for the top of quality.md")
+  p.add_argument("--refine_arms", default="", help="also run these scripts/bench_refine.py arms (e.g. delta,random-delta) "
+                 "on every pair; their table, next to these projections, is results/refine.md")
   args = p.parse_args(argv)
   for pair in args.pairs.split(","):
     parts = pair.split(":")
@@ -586,6 +590,11 @@ def main(argv=None) -> int:
       f.write(json.dumps({"finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                           "seconds": round(time.perf_counter() - t0), "argv": sys.argv[1:]}) + "\n")
   write_results(collect(cache), args, pathlib.Path(args.out))
+  if args.refine_arms:
+    import bench_refine  # here, not at the top: bench_refine imports this module
+    for pair in args.pairs.split(","):
+      if pair.split(":")[0] != pair.split(":")[1]:
+        bench_refine.main(["--pair", pair, "--arms", args.refine_arms, "--blocks", str(args.blocks), "--out", args.out])
   return 0
 
 

@@ -56,6 +56,20 @@ def test_no_heldout_paragraph_leaks_into_train():
   assert textdata.heldout_texts() == [topics[n] for n in textdata.heldout_topics()]
 
 
+def test_stdlib_domain_splits_the_standard_library_by_file_name():
+  import sysconfig
+
+  root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  files = {p.name: p.read_text(encoding="utf-8", errors="replace") for p in sorted(root.glob("*.py"))}
+  train, held = textdata.train_texts("stdlib"), textdata.heldout_texts("stdlib")
+  assert held == [files[n] for n in files if int(hashlib.sha1(n.encode()).hexdigest(), 16) % 5 == 0]
+  assert len(train) + len(held) == len(files) and not set(train) & set(held)
+  assert 0.1 < len(held) / len(files) < 0.35
+  assert "def " in held[0] and not set(held) & set(textdata.heldout_texts())  # code, not the pydoc text
+  with pytest.raises(textdata.CrossLoraError, match="domain: one of pydoc, stdlib expected, got 'prose'"):
+    textdata.train_texts("prose")
+
+
 class _CharTokenizer:
   """One id per character (ord % 50 + 10); eos 1; optional bos 2 added by default."""
 
