@@ -70,9 +70,9 @@ def default_xla_cache_dir() -> pathlib.Path:
 def enable_compilation_cache(folder: str | os.PathLike[str]) -> None:
   """Keeps compiled XLA programs in ``folder`` (JAX's persistent compilation cache).
 
-  A transfer compiles one truncated SVD per distinct weight shape (a weight and its
-  transpose count once) and model, and one projection and one overlap program per
-  pair of such shapes (``core/compiles.py`` counts them). On one H200 compiling was 152 s of a 170 s cold run
+  A transfer compiles two programs per pair of distinct source and target weight shapes
+  (a weight and its transpose count once): the decomposition of both models' chunk, and
+  the projection with the report's overlaps (``core/compiles.py`` counts them). On one H200 compiling was 152 s of a 170 s cold run
   (cProfile: ``backend_compile_and_load``, 8-layer paper-scale run, BUILD_NOTES "Speed and memory"),
   on 2 CPU cores about 0.3–0.5 s each; with this cache later runs with the same shapes
   load them instead. Call before the first computation; JAX ignores a cache it cannot write.
