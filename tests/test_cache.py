@@ -41,13 +41,13 @@ def models():
 def decompositions(monkeypatch):
   """Counts the weights that go through the SVD kernel."""
   calls = []
-  real = sharding.truncated_svd_layers
+  real = sharding.truncated_svd_stacks
 
-  def spy(w_loi, keys, **kw):
-    calls.append(int(w_loi.shape[0]))
-    return real(w_loi, keys, **kw)
+  def spy(stacks, layer_ids, **kw):
+    calls.append(sum(int(w.shape[0]) for w in stacks))
+    return real(stacks, layer_ids, **kw)
 
-  monkeypatch.setattr(sharding, "truncated_svd_layers", spy)
+  monkeypatch.setattr(sharding, "truncated_svd_stacks", spy)
   return calls
 
 
@@ -125,6 +125,45 @@ def test_corrupt_entry_is_recomputed(models, tmp_path, decompositions, damage):
   decompositions.clear()
   _run(models, tmp_path, svd="exact")
   assert decompositions == []  # and rewritten whole
+
+
+def test_overlaps_are_cached_beside_the_subspaces(models, tmp_path, monkeypatch):
+  """A warm run takes the report's overlaps from the cache (its projections skip them), same numbers;
+  a damaged overlap entry is computed again and rewritten."""
+  first = _run(models, tmp_path)
+  files = sorted((tmp_path / "cache").glob("*/overlaps-*/*.json"))
+  assert len(files) == 2 * len(MODULES)  # 2 layer pairs x 2 modules
+  overlaps = [e["overlap"] for e in first.report.entries]
+  assert all(isinstance(x, float) for x in overlaps)
+  wanted = []
+  real = kernels.project_cross_lora_adapters_and_overlaps
+
+  def spy(*args, with_overlaps=True, **kw):
+    wanted.append(with_overlaps)
+    return real(*args, with_overlaps=with_overlaps, **kw)
+
+  monkeypatch.setattr(kernels, "project_cross_lora_adapters_and_overlaps", spy)
+  second = _run(models, tmp_path)
+  assert wanted and not any(wanted)
+  assert [e["overlap"] for e in second.report.entries] == overlaps
+  damaged = files[0].read_text()
+  files[0].write_text(damaged.replace('"overlap": ', '"overlap": "x", "was": '))
+  wanted.clear()
+  third = _run(models, tmp_path)
+  assert wanted.count(True) == 1
+  assert [e["overlap"] for e in third.report.entries] == overlaps
+  assert files[0].read_text() == damaged
+
+
+def test_overlap_entry_is_checked_against_both_keys(tmp_path):
+  store = cache.SubspaceCache(tmp_path)
+  key = lambda model, layer: cache.EntryKey.make(model, "q_proj", layer, (8, 8), rank=2, method="gram", seed=0,
+                                                  n_oversamples=0, n_power_iter=0)
+  store.store_overlap(key("a", 0), key("b", 1), 0.25)
+  assert store.load_overlap(key("a", 0), key("b", 1)) == 0.25
+  assert store.load_overlap(key("a", 0), key("b", 2)) is None  # another target layer
+  assert store.load_overlap(key("a", 0), key("c", 1)) is None  # another target model
+  assert store.load_overlap(key("a", 1), key("b", 1)) is None
 
 
 def test_changed_checkpoint_misses(models, tmp_path, decompositions):

@@ -154,13 +154,13 @@ def test_batch_of_adapters_equals_one_by_one(monkeypatch, method):
   adapters = [_adapter(source.arch, 1, 2), _adapter(source.arch, 2, 2), _adapter(source.arch, 3, 3),
               _adapter(source.arch, 4, 2, layers=[0, 2])]
   calls = []
-  real = kernels.project_cross_lora_adapters
+  real = kernels.project_cross_lora_adapters_and_overlaps
 
   def spy(sub_s, sub_t, a, b, **kw):
     calls.append(a.shape[:2])  # (adapters, layers)
     return real(sub_s, sub_t, a, b, **kw)
 
-  monkeypatch.setattr(kernels, "project_cross_lora_adapters", spy)
+  monkeypatch.setattr(kernels, "project_cross_lora_adapters_and_overlaps", spy)
   config = TransferConfig(rank=4, method=method, svd="randomized", chunk_layers=8)
   together = engine.transfer_adapters(source, target, adapters, config)
   if method == "cross_lora":

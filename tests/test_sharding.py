@@ -41,6 +41,15 @@ SCRIPT = textwrap.dedent("""
       single = kernels.batched_truncated_svd(jax.device_put(w, jax.devices()[0]), keys, rank=5, method=method)
       for a, b in zip(sharded, single):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-5)
+    w2 = rng.standard_normal((8, 36, 20)).astype(np.float32)  # two models' stacks in one program
+    ids = (np.arange(8, dtype=np.uint32), np.arange(8, dtype=np.uint32)[::-1].copy())
+    for method in ("gram", "randomized"):
+      sharded = sharding.truncated_svd_stacks((w, w2), ids, seed=3, module_id=1, mesh=mesh, rank=5, method=method)
+      single = sharding.truncated_svd_stacks((w, w2), ids, seed=3, module_id=1, mesh=None, rank=5, method=method)
+      assert len(sharded[1].u.sharding.device_set) == 4
+      for got, want in zip(sharded, single):
+        for a, b in zip(got, want):
+          np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-5)
     try:
       sharding.truncated_svd_layers(w[:6], keys[:6], mesh=mesh, rank=5, method="exact")
       raise AssertionError("6 layers over 4 devices should be refused")

@@ -8,6 +8,8 @@ Layout (root = ``--cache_dir``, by default :func:`default_cache_dir`)::
 
   <root>/<model id>/model.json                        what the id stands for (for people)
   <root>/<model id>/<module>-L<layer>-<options>.safetensors   u, s, v, energy (float32)
+  <root>/<model id>/overlaps-<target model id>/<module>-L<layer>-<options>-T<target layer>.json
+                                                      the report's overlap of a source and a target subspace
 
 The model id is the sha256 of ``BaseWeights.fingerprint()``: for a checkpoint
 folder, its config.json plus name, size and mtime of every weight file (cheap:
@@ -46,6 +48,7 @@ from crosslora_jax.core import kernels
 CACHE_ENV = "CROSSLORA_CACHE"  # the cache root: <root>/subspaces, <root>/xla, <root>/models (crosslora_bench.zoo)
 FORMAT_VERSION = 3  # bump when a kernel's numbers change: older entries then miss
 _FIELDS = ("u", "s", "v", "energy")
+OVERLAP_VERSION = 1  # bump when kernels.subspace_overlap's numbers change
 
 
 def cache_root() -> pathlib.Path:
@@ -67,9 +70,9 @@ def default_xla_cache_dir() -> pathlib.Path:
 def enable_compilation_cache(folder: str | os.PathLike[str]) -> None:
   """Keeps compiled XLA programs in ``folder`` (JAX's persistent compilation cache).
 
-  A transfer compiles one truncated SVD per distinct weight shape (a weight and its
-  transpose count once) and model, and one projection and one overlap program per
-  pair of such shapes (``core/compiles.py`` counts them). On one H200 compiling was 152 s of a 170 s cold run
+  A transfer compiles two programs per pair of distinct source and target weight shapes
+  (a weight and its transpose count once): the decomposition of both models' chunk, and
+  the projection with the report's overlaps (``core/compiles.py`` counts them). On one H200 compiling was 152 s of a 170 s cold run
   (cProfile: ``backend_compile_and_load``, 8-layer paper-scale run, BUILD_NOTES "Speed and memory"),
   on 2 CPU cores about 0.3–0.5 s each; with this cache later runs with the same shapes
   load them instead. Call before the first computation; JAX ignores a cache it cannot write.
@@ -207,6 +210,38 @@ class SubspaceCache:
                       self.path(key), type(e).__name__, e.strerror or e)
       return
     self.writes += 1
+
+  def overlap_path(self, source: EntryKey, target: EntryKey) -> pathlib.Path:
+    stem = source.filename().removesuffix(".safetensors")
+    return self.root / source.model / f"overlaps-{target.model}" / f"{stem}-T{target.layer:04d}.json"
+
+  def load_overlap(self, source: EntryKey, target: EntryKey) -> float | None:
+    """The report's overlap of two cached subspaces (a source and a target weight's), or None.
+
+    Cached beside the subspaces because it costs more than the projections of a warm
+    run; an entry whose keys or value do not check out is a miss.
+    """
+    path = self.overlap_path(source, target)
+    try:
+      if not stat.S_ISREG(os.stat(path).st_mode):
+        return None
+      entry = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+      return None
+    want = {"version": OVERLAP_VERSION, "source": source.to_json(), "target": target.to_json()}
+    if not isinstance(entry, dict) or any(entry.get(k) != v for k, v in want.items()):
+      return None
+    value = entry.get("overlap")
+    return value if type(value) is float and np.isfinite(value) else None
+
+  def store_overlap(self, source: EntryKey, target: EntryKey, value: float) -> None:
+    path = self.overlap_path(source, target)
+    entry = {"version": OVERLAP_VERSION, "source": source.to_json(), "target": target.to_json(), "overlap": float(value)}
+    try:  # an optimisation, like the subspaces: a failed write is skipped
+      path.parent.mkdir(parents=True, exist_ok=True)
+      _atomic_write_bytes(path, (json.dumps(entry, sort_keys=True) + "\n").encode())
+    except OSError as e:
+      logging.warning("subspace cache: %s: not written (%s: %s)", path, type(e).__name__, e.strerror or e)
 
   def _reject(self, path: pathlib.Path, why: str) -> None:
     self.rejected += 1

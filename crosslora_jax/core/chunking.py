@@ -1,14 +1,20 @@
-"""How the engine walks a module: layers in near-equal chunks, the next chunk read ahead, the time split.
+"""How the engine walks a module: layers in near-equal chunks, the next chunk read ahead, a chunk's
+subspaces and overlaps, the time split.
 
 Helpers of :mod:`crosslora_jax.core.engine` that read a ``TransferRun`` but own none of it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from crosslora_jax.core import planning
+import numpy as np
+
+from crosslora_jax.core import kernels, planning
+
+Layout = tuple[tuple[int, int], ...]  # (source layer, target layer) per row
 
 
 def even_chunks(layers: Sequence[int], chunk: int) -> list[list[int]]:
@@ -51,3 +57,68 @@ def timing(run: Any, seconds: float) -> dict[str, float]:
   split = {"read": sum(s.seconds_read for s in subs), "decompose": sum(s.seconds_decompose for s in subs),
            "project": run.seconds_project}
   return {**split, "other": max(seconds - sum(split.values()), 0.0)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkSubspaces:
+  """One chunk's subspaces, the row of each layer in them, and the report's overlaps."""
+
+  source: kernels.Subspace | None  # (L_s, ...) over the chunk's source layers
+  target: kernels.Subspace | None  # (L_t, ...) over the chunk's target layers
+  source_row: dict[int, int]
+  target_row: dict[int, int]
+  overlap: dict[tuple[int, int], float]  # (source layer, target layer) -> mean subspace overlap of U and V
+
+  def for_layout(self, layout: Sequence[tuple[int, int]]) -> tuple[kernels.Subspace | None, kernels.Subspace | None]:
+    """Subspaces stacked in the order of ``layout``'s (source layer, target layer) pairs."""
+    source = None if self.source is None else take_rows(self.source, [self.source_row[i] for i, _ in layout])
+    target = None if self.target is None else take_rows(self.target, [self.target_row[j] for _, j in layout])
+    return source, target
+
+
+def cached_overlaps(run: Any, module: str, rank: int, subs: ChunkSubspaces, layout: Layout) -> bool:
+  """Takes the report's overlaps of ``layout``'s pairs from the cache; whether any is still missing."""
+  if subs.source is None:
+    return False
+  missing = [pair for pair in layout if pair not in subs.overlap]
+  if run.cache is not None:
+    for pair in missing:
+      value = run.cache.load_overlap(*_overlap_keys(run, module, rank, pair))
+      if value is not None:
+        subs.overlap[pair] = value
+  return any(pair not in subs.overlap for pair in layout)
+
+
+def record_overlaps(run: Any, module: str, rank: int, subs: ChunkSubspaces, layout: Layout,
+                    extras_of_one: list[dict[str, Any]]) -> None:
+  """The report's overlap of each (source layer, target layer) pair of ``layout``, once per pair.
+
+  From the method's projection when it gave them (cross_lora: the same program), else
+  computed here; report only, shared by all adapters; new ones go to the cache.
+  """
+  if subs.source is None:
+    return
+  given = [e.get("overlap") for e in extras_of_one]
+  new = sorted(set(layout) - set(subs.overlap))
+  if all(x is not None for x in given):
+    subs.overlap.update({pair: x for pair, x in zip(layout, given) if pair in new})
+  elif new:
+    ps, pt = subs.for_layout(new)
+    subs.overlap.update(zip(new, kernels.pair_overlaps(ps, pt).tolist()))
+  if run.cache is not None:
+    for pair in new:
+      run.cache.store_overlap(*_overlap_keys(run, module, rank, pair), subs.overlap[pair])
+
+
+def _overlap_keys(run: Any, module: str, rank: int, pair: tuple[int, int]):
+  return (run.subspaces_source.entry_key(module, pair[0], rank), run.subspaces_target.entry_key(module, pair[1], rank))
+
+
+def without_overlap(extra: dict[str, Any]) -> dict[str, Any]:
+  """A method's extra report fields less ``overlap``, which the entry takes from the pair's one value."""
+  return {k: v for k, v in extra.items() if k != "overlap"}
+
+
+def take_rows(sub: kernels.Subspace, rows: Sequence[int]) -> kernels.Subspace:
+  idx = np.asarray(rows)
+  return kernels.Subspace(*(x[idx] for x in sub))

@@ -33,12 +33,13 @@ import numpy as np
 from absl import logging
 
 from crosslora_jax import methods
-from crosslora_jax.core import calibration, distributed, kernels, planning, sharding
+from crosslora_jax.core import calibration, chunking, distributed, kernels, planning, sharding
 from crosslora_jax.core.sharding import blas_threads
 from crosslora_jax.core.cache import SubspaceCache
-from crosslora_jax.core.chunking import even_chunks, module_chunks, prefetch_chunk, timing
+from crosslora_jax.core.chunking import (ChunkSubspaces, even_chunks, module_chunks, prefetch_chunk,
+                                         cached_overlaps, record_overlaps, timing, without_overlap)
 from crosslora_jax.core.report import Report
-from crosslora_jax.core.subspaces import Subspaces, WeightNorms, module_index
+from crosslora_jax.core.subspaces import Subspaces, WeightNorms, get_together, module_index
 from crosslora_jax.errors import CrossLoraError
 from crosslora_jax.formats import peft_format
 from crosslora_jax.formats.checkpoint import BaseWeights, open_base
@@ -266,43 +267,25 @@ def project_module(run: TransferRun, module: str, tick: Callable[[int], None],
     run.subspaces_source.release(module, keep={l for l, last in last_use.items() if last > c})
 
 
-@dataclasses.dataclass(frozen=True)
-class ChunkSubspaces:
-  """One chunk's subspaces, the row of each layer in them, and the report's overlaps."""
-
-  source: kernels.Subspace | None  # (L_s, ...) over the chunk's source layers
-  target: kernels.Subspace | None  # (L_t, ...) over the chunk's target layers
-  source_row: dict[int, int]
-  target_row: dict[int, int]
-  overlap: dict[tuple[int, int], float]  # (source layer, target layer) -> mean subspace overlap of U and V
-
-  def for_layout(self, layout: Sequence[tuple[int, int]]) -> tuple[kernels.Subspace | None, kernels.Subspace | None]:
-    """Subspaces stacked in the order of ``layout``'s (source layer, target layer) pairs."""
-    source = None if self.source is None else _take(self.source, [self.source_row[i] for i, _ in layout])
-    target = None if self.target is None else _take(self.target, [self.target_row[j] for _, j in layout])
-    return source, target
-
-
 def project_chunk(run: TransferRun, module: str, rank: int, chunk: list[int],
                   chunk_items: list[list[planning.WorkItem]], chunk_size: int, tick: Callable[[int], None]) -> None:
   """Decomposes one chunk's weights, then projects each group of adapters in one call."""
   src_layers = sorted({w.source_layer for items in chunk_items for w in items})
-  sub_t = sub_s = None
+  requests = {}  # both models' missing layers go through one SVD program per batch
   if run.method.needs_target_subspaces:
-    sub_t = run.subspaces_target.get(module, chunk, rank, batch_layers=chunk_size, progress=tick)
+    requests["target"] = (run.subspaces_target, chunk)
   if run.method.needs_source_subspaces:
-    sub_s = run.subspaces_source.get(module, src_layers, rank, batch_layers=chunk_size, progress=tick)
+    requests["source"] = (run.subspaces_source, src_layers)
+  got = dict(zip(requests, get_together(list(requests.values()), module, rank, batch_layers=chunk_size,
+                                        progress=tick))) if requests else {}
+  sub_s, sub_t = got.get("source"), got.get("target")
   subs = ChunkSubspaces(sub_s, sub_t, {l: i for i, l in enumerate(src_layers)},
                         {l: i for i, l in enumerate(chunk)}, {})
-  if sub_s is not None:  # once per (source layer, target layer) pair, shared by all adapters; report only
-    pairs = sorted({(w.source_layer, w.target_layer) for items in chunk_items for w in items})
-    ps, pt = subs.for_layout(pairs)
-    subs.overlap.update(zip(pairs, kernels.pair_overlaps(ps, pt).tolist()))
   for (lora_rank, layout), members in group_by_layout(chunk_items).items():
     project_group(run, module, rank, subs, lora_rank, layout, members)
 
 
-Layout = tuple[tuple[int, int], ...]  # (source layer, target layer) per row
+Layout = chunking.Layout
 
 
 def group_by_layout(chunk_items: list[list[planning.WorkItem]]
@@ -332,10 +315,12 @@ def project_group(run: TransferRun, module: str, rank: int, subs: ChunkSubspaces
       a_nlri=np.stack([np.stack([np.asarray(w.factors.a_ri, np.float32) for w in items]) for _, items in members]),
       b_nlor=np.stack([np.stack([np.asarray(w.factors.b_or, np.float32) for w in items]) for _, items in members]),
       sub_source=sub_s, sub_target=sub_t, target_shape=run.target.arch.shape(module),
-      items=[items for _, items in members], solver=run.config.solver, context=run.context)
+      items=[items for _, items in members], solver=run.config.solver, context=run.context,
+      overlaps_wanted=cached_overlaps(run, module, rank, subs, layout))
   proj, extras = run.method.project(batch)
   proj = jax.tree.map(np.asarray, proj)
   extras = extras or [[{} for _ in layout] for _ in members]
+  record_overlaps(run, module, rank, subs, layout, extras[0])
   run.seconds_project += time.perf_counter() - t0
   seconds = (time.perf_counter() - t0) / len(members)
   for row, (n, items) in enumerate(members):
@@ -351,7 +336,7 @@ def project_group(run: TransferRun, module: str, rank: int, subs: ChunkSubspaces
                                                           w.factors.scaling)
       run.outputs[n].entries.append({
           **_report_entry(run, n, w, subs, lora_rank, float(adapter_proj.norm_ratio[i])),
-          "seconds": seconds / len(items), **extras[row][i], **calib[i]})
+          "seconds": seconds / len(items), **without_overlap(extras[row][i]), **calib[i]})
 
 
 def _report_entry(run: TransferRun, n: int, w: planning.WorkItem, subs: ChunkSubspaces, lora_rank: int,
@@ -393,8 +378,3 @@ def build_results(run: TransferRun, *, seconds: float) -> list[TransferResult]:
         output_dtype=config.dtype or str(np.dtype(adapter.dtype)))
     results.append(TransferResult(new, report))
   return results
-
-
-def _take(sub: kernels.Subspace, rows: Sequence[int]) -> kernels.Subspace:
-  idx = np.asarray(rows)
-  return kernels.Subspace(*(x[idx] for x in sub))

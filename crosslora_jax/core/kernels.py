@@ -119,6 +119,35 @@ def batched_truncated_svd(w_loi: jax.Array, keys: jax.Array, *, rank: int, metho
   return map_layers(fn, w_loi, keys)
 
 
+@functools.partial(jax.jit, static_argnames=("rank", "method", "n_oversamples", "n_power_iter"))
+def batched_truncated_svds(stacks: tuple[jax.Array, ...], layer_ids: tuple[jax.Array, ...], seed: jax.Array,
+                           module_id: jax.Array, *, rank: int, method: str = "exact",
+                           n_oversamples: int = DEFAULT_OVERSAMPLES,
+                           n_power_iter: int = DEFAULT_POWER_ITER) -> tuple[Subspace, ...]:
+  """Several (L, out, in) stacks (one per model: a chunk's source and target weights) in one program.
+
+  Each stack gets :func:`batched_truncated_svd`'s maths, its PRNG keys made in the
+  same program from (seed, module id, layer ids (L,) uint32) as :func:`layer_keys`
+  makes them, so one compiled program serves a chunk of both models. The stacks run
+  one after the other (an optimization barrier orders them): two LAPACK loops at
+  once can deadlock jaxlib 0.10's CPU pool (see :func:`map_layers`).
+  """
+  fn = functools.partial(truncated_svd, rank=rank, method=method, n_oversamples=n_oversamples,
+                         n_power_iter=n_power_iter)
+  out: list[Subspace] = []
+  for w_loi, layers in zip(stacks, layer_ids):
+    if out:
+      _, w_loi = lax.optimization_barrier((out[-1], w_loi))
+    out.append(map_layers(fn, w_loi, layer_keys(seed, module_id, layers)))
+  return tuple(out)
+
+
+def layer_keys(seed: jax.Array, module_id: jax.Array, layers: jax.Array) -> jax.Array:
+  """One PRNG key per (seed, module, layer), (L,): independent of batching, sharding and model role."""
+  base = jax.random.fold_in(jax.random.key(seed), module_id)
+  return jax.vmap(lambda l: jax.random.fold_in(base, l))(layers)
+
+
 def map_layers(fn, *args):
   """``jax.vmap(fn)(*args)`` on accelerators; on CPU, ``lax.map`` (one matrix per LAPACK call).
 
@@ -267,21 +296,46 @@ def project_cross_lora_adapters(sub_s: Subspace, sub_t: Subspace, a_nlri, b_nlor
   U_t, V_tᵀ. A wide source weight (out < in) is projected as its transpose
   (ΔWᵀ = Aᵀ Bᵀ through V and U), so down_proj shares gate_proj's compiled program.
   """
+  return project_cross_lora_adapters_and_overlaps(sub_s, sub_t, a_nlri, b_nlor, solver=solver)[0]
+
+
+def project_cross_lora_adapters_and_overlaps(sub_s: Subspace, sub_t: Subspace, a_nlri, b_nlor, *,
+                                             solver: str = "closed",
+                                             with_overlaps: bool = True) -> tuple[Projected, np.ndarray | None]:
+  """:func:`project_cross_lora_adapters` and, from the same compiled program, the report's
+  overlap per layer row, (L,) numpy: the mean of the U and V subspace overlaps (:func:`pair_overlaps`).
+
+  One program per oriented shape pair does both, so a cold run builds no program
+  for the overlaps. They cost far more than the projections (two (r, r) eigh per side
+  and layer against small matmuls), so ``with_overlaps=False`` (all of them cached)
+  skips them inside the same program and returns None for them.
+  """
+  want = np.bool_(with_overlaps)
   if sub_s.u.shape[-2] >= sub_s.v.shape[-2]:
-    return _project_cross_lora_adapters(sub_s, sub_t, a_nlri, b_nlor, solver=solver)
-  flip = lambda sub: Subspace(sub.v, sub.s, sub.u, sub.energy)
-  swap = lambda x: np.swapaxes(np.asarray(x), -1, -2)
-  out = _project_cross_lora_adapters(flip(sub_s), flip(sub_t), swap(b_nlor), swap(a_nlri), solver=solver)
-  return Projected(swap(out.b_or), swap(out.a_ri), out.norm_ratio)
+    proj, overlap = _project_cross_lora_adapters(sub_s, sub_t, a_nlri, b_nlor, want, solver=solver)
+  else:
+    flip = lambda sub: Subspace(sub.v, sub.s, sub.u, sub.energy)
+    swap = lambda x: np.swapaxes(np.asarray(x), -1, -2)
+    out, overlap = _project_cross_lora_adapters(flip(sub_s), flip(sub_t), swap(b_nlor), swap(a_nlri), want,
+                                                solver=solver)
+    proj = Projected(swap(out.b_or), swap(out.a_ri), out.norm_ratio)
+  return proj, np.asarray(overlap) if with_overlaps else None
 
 
 @functools.partial(jax.jit, static_argnames=("solver",))
-def _project_cross_lora_adapters(sub_s: Subspace, sub_t: Subspace, a_nlri: jax.Array, b_nlor: jax.Array, *,
-                                 solver: str) -> Projected:
+def _project_cross_lora_adapters(sub_s: Subspace, sub_t: Subspace, a_nlri: jax.Array, b_nlor: jax.Array,
+                                 with_overlaps: jax.Array, *, solver: str) -> tuple[Projected, jax.Array]:
   fn = functools.partial(project_cross_lora, solver=solver)
   if solver == "lstsq":  # LAPACK inside: one matrix per call on CPU (map_layers)
-    return map_layers(lambda a, b: map_layers(fn, sub_s, sub_t, a, b), a_nlri, b_nlor)
-  return jax.vmap(jax.vmap(fn), in_axes=(None, None, 0, 0))(sub_s, sub_t, a_nlri, b_nlor)
+    proj = map_layers(lambda a, b: map_layers(fn, sub_s, sub_t, a, b), a_nlri, b_nlor)
+  else:
+    proj = jax.vmap(jax.vmap(fn), in_axes=(None, None, 0, 0))(sub_s, sub_t, a_nlri, b_nlor)
+  # after the projections (an optimization barrier orders them): the overlaps' eigh loops
+  # must not run beside the lstsq solver's LAPACK loops (see map_layers)
+  proj, sub_s, sub_t = lax.optimization_barrier((proj, sub_s, sub_t))
+  overlap = lax.cond(with_overlaps, lambda: _mean_overlap(sub_s.u, sub_t.u, sub_s.v, sub_t.v),
+                     lambda: jnp.zeros(sub_s.u.shape[:1], jnp.float32))
+  return proj, overlap
 
 
 @jax.jit
@@ -326,4 +380,9 @@ def pair_overlaps(sub_s: Subspace, sub_t: Subspace) -> np.ndarray:
 
 @jax.jit
 def _pair_overlaps(u_s, u_t, v_s, v_t) -> jax.Array:
+  return _mean_overlap(u_s, u_t, v_s, v_t)
+
+
+def _mean_overlap(u_s, u_t, v_s, v_t) -> jax.Array:
+  """(overlap of U + overlap of V) / 2 per layer of (L, ...) stacks."""
   return (map_layers(subspace_overlap, u_s, u_t) + map_layers(subspace_overlap, v_s, v_t)) / 2

@@ -91,6 +91,42 @@ def truncated_svd_layers(w_loi: np.ndarray | jax.Array, keys: jax.Array, *, mesh
                       n_power_iter=n_power_iter)
 
 
+def truncated_svd_stacks(stacks: Sequence[np.ndarray], layer_ids: Sequence[np.ndarray], *, seed: int,
+                         module_id: int, mesh: Mesh | None, rank: int, method: str,
+                         n_oversamples: int = kernels.DEFAULT_OVERSAMPLES,
+                         n_power_iter: int = kernels.DEFAULT_POWER_ITER) -> tuple[kernels.Subspace, ...]:
+  """Subspaces of several (L, big, small) stacks (one per model) in one program, each sharded
+  over ``mesh``'s layer axis when given; the PRNG keys are made inside from the layer ids (L,).
+
+  Every ``L`` must be a multiple of the mesh size (pad with :func:`round_up`).
+  """
+  options = dict(rank=rank, method=method, n_oversamples=n_oversamples, n_power_iter=n_power_iter)
+  seed, module_id = np.uint32(seed), np.uint32(module_id)
+  stacks, layer_ids = tuple(stacks), tuple(np.asarray(ids, np.uint32) for ids in layer_ids)
+  if mesh is None:
+    return kernels.batched_truncated_svds(stacks, layer_ids, seed, module_id, **options)
+  for w in stacks:
+    if w.shape[0] % num_shards(mesh):
+      raise ValueError(f"w_loi: a layer axis divisible by {num_shards(mesh)} devices expected, got {w.shape[0]} layers")
+  sharding = NamedSharding(mesh, PartitionSpec(AXIS))
+  stacks = tuple(put_global(w, sharding) for w in stacks)
+  layer_ids = tuple(put_global(ids, sharding) for ids in layer_ids)
+  return _sharded_svds(stacks, layer_ids, seed, module_id, mesh=mesh, **options)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "rank", "method", "n_oversamples", "n_power_iter"))
+def _sharded_svds(stacks, layer_ids, seed, module_id, *, mesh: Mesh, rank: int, method: str, n_oversamples: int,
+                  n_power_iter: int) -> tuple[kernels.Subspace, ...]:
+  local = functools.partial(kernels.batched_truncated_svds, rank=rank, method=method, n_oversamples=n_oversamples,
+                            n_power_iter=n_power_iter)
+  stacked = tuple(PartitionSpec(AXIS) for _ in stacks)
+  out = jax.shard_map(local, mesh=mesh, in_specs=(stacked, stacked, PartitionSpec(), PartitionSpec()),
+                      out_specs=stacked)(stacks, layer_ids, seed, module_id)
+  if spans_processes(mesh):  # every process needs every layer's result on the host: gather them
+    out = jax.lax.with_sharding_constraint(out, NamedSharding(mesh, PartitionSpec()))
+  return out
+
+
 def put_global(x: np.ndarray | jax.Array, sharding: NamedSharding) -> jax.Array:
   """``x`` (the same on every process) placed by ``sharding``: each process fills only its own devices.
 

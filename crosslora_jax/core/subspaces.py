@@ -54,18 +54,19 @@ class Subspaces:
     Missing layers are decomposed ``batch_layers`` at a time (default chunk_layers; a
     short batch is padded by repeating a weight, so each module compiles once).
     """
-    t0 = time.perf_counter()
+    return get_together([(self, layers)], module, rank, batch_layers=batch_layers, progress=progress)[0]
+
+  def missing(self, module: str, layers: Sequence[int], rank: int,
+              progress: Callable[[int], None] | None = None) -> list[int]:
+    """The distinct ``layers`` neither held nor in the cache (cached ones are loaded now)."""
     todo = sorted({l for l in layers if (module, l, rank) not in self._memo})
     for l in set(layers) - set(todo):
       self._reads.pop((module, l), None)  # held already: a prefetched copy is not needed
     if self.cache is not None and todo:
       todo = self._load_cached(module, todo, rank, progress)
-    size = sharding.round_up(batch_layers or self.config.chunk_layers, self.mesh)
-    for start in range(0, len(todo), size):
-      self._decompose(module, todo[start:start + size], rank, size)
-      if progress is not None:
-        progress(len(todo[start:start + size]))
-    self.seconds += time.perf_counter() - t0
+    return todo
+
+  def stacked(self, module: str, layers: Sequence[int], rank: int) -> kernels.Subspace:
     return jax.tree.map(lambda *xs: np.stack(xs), *[self._memo[(module, l, rank)] for l in layers])
 
   def _load_cached(self, module: str, layers: list[int], rank: int,
@@ -73,7 +74,7 @@ class Subspaces:
     """Takes what the cache holds of ``layers``; returns the layers still missing."""
     missing = []
     for l in layers:
-      sub = self.cache.load(self._entry_key(module, l, rank))
+      sub = self.cache.load(self.entry_key(module, l, rank))
       if sub is None:
         missing.append(l)
       else:
@@ -95,7 +96,7 @@ class Subspaces:
       key = (module, l)
       if key in self._reads or (module, l, rank) in self._memo:
         continue
-      if self.cache is not None and self.cache.path(self._entry_key(module, l, rank)).exists():
+      if self.cache is not None and self.cache.path(self.entry_key(module, l, rank)).exists():
         continue
       if self._reader is None:
         self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights")
@@ -114,34 +115,32 @@ class Subspaces:
     self.seconds_read += time.perf_counter() - t0
     return out
 
-  def _decompose(self, module: str, layers: list[int], rank: int, size: int) -> None:
-    """One batched SVD of ``layers`` (padded to ``size`` by repeating the last weight).
+  def batch_stack(self, module: str, layers: list[int], size: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(weights (size, big, small), layer ids (size,) uint32, wide) of one SVD batch, on the host.
 
-    A wide weight (out < in) goes in transposed and its u and v are swapped back, so a
-    weight and its transpose (gate_proj and down_proj) share one compiled program.
+    Padded to ``size`` by repeating the last weight (not zeros: keeps the numerics of a
+    real layer). A wide weight (out < in) goes in transposed (``wide``), so a weight and
+    its transpose (gate_proj and down_proj) share one compiled program.
     """
     weights = self._weights(module, layers)
-    t0 = time.perf_counter()
-    pad = size - len(layers)  # repeat the last weight (not zeros: keeps the numerics of a real layer)
+    pad = size - len(layers)
     stack = np.stack(weights + weights[-1:] * pad)  # (size, out, in)
     del weights
     wide = stack.shape[1] < stack.shape[2]
     if wide:
       stack = np.ascontiguousarray(np.swapaxes(stack, 1, 2))  # (size, in, out)
-    keys = layer_keys(self.config.seed, module, layers + layers[-1:] * pad)
-    batch = sharding.truncated_svd_layers(stack, keys, mesh=self.mesh, rank=rank, method=self.config.svd,
-                                          n_oversamples=self.config.n_oversamples,
-                                          n_power_iter=self.config.n_power_iter)
-    del stack
+    return stack, np.asarray(layers + layers[-1:] * pad, np.uint32), wide
+
+  def keep(self, module: str, layers: list[int], rank: int, batch: kernels.Subspace, wide: bool) -> None:
+    """Holds (and caches) the first len(layers) rows of a batch's result; u and v swapped back when wide."""
     batch = jax.tree.map(np.asarray, batch)
     u, v = (batch.v, batch.u) if wide else (batch.u, batch.v)
     u, v = canonical_signs(u, v)
-    self.seconds_decompose += time.perf_counter() - t0
     for row, l in enumerate(layers):
       layer_sub = kernels.Subspace(u[row].copy(), batch.s[row].copy(), v[row].copy(), batch.energy[row].copy())
       self._memo[(module, l, rank)] = layer_sub
       if self.cache is not None:
-        self.cache.store(self._entry_key(module, l, rank), layer_sub, describe={"name": self.base.name})
+        self.cache.store(self.entry_key(module, l, rank), layer_sub, describe={"name": self.base.name})
     self.computed += len(layers)
 
   def holds(self, module: str, layer: int, rank: int) -> bool:
@@ -158,10 +157,46 @@ class Subspaces:
     for key in [k for k in self._memo if k[0] == module and k[1] not in keep]:
       del self._memo[key]
 
-  def _entry_key(self, module: str, layer: int, rank: int) -> EntryKey:
+  def entry_key(self, module: str, layer: int, rank: int) -> EntryKey:
     return EntryKey.make(self._model_id, module, layer, self.base.arch.shape(module), rank=rank,
                          method=self.config.svd, seed=self.config.seed, n_oversamples=self.config.n_oversamples,
                          n_power_iter=self.config.n_power_iter)
+
+
+def get_together(requests: Sequence[tuple[Subspaces, Sequence[int]]], module: str, rank: int, *,
+                 batch_layers: int | None = None,
+                 progress: Callable[[int], None] | None = None) -> list[kernels.Subspace]:
+  """Stacked subspaces of ``module`` for each (model's Subspaces, layers) request, as numpy.
+
+  What no request holds or caches is decomposed ``batch_layers`` layers at a time, the
+  i-th batch of every model in one compiled program (:func:`kernels.batched_truncated_svds`):
+  a chunk of a source and a target model costs one program per module shape pair.
+  All requests share one config and mesh (one run's).
+  """
+  first = requests[0][0]
+  t0 = time.perf_counter()
+  todo = [subs.missing(module, layers, rank, progress) for subs, layers in requests]
+  size = sharding.round_up(batch_layers or first.config.chunk_layers, first.mesh)
+  cfg = first.config
+  for start in range(0, max(map(len, todo)), size):
+    parts = [(subs, t[start:start + size]) for (subs, _), t in zip(requests, todo) if t[start:start + size]]
+    stacks, layer_ids, wides = zip(*[subs.batch_stack(module, layers, size) for subs, layers in parts])
+    t_svd = time.perf_counter()
+    batches = sharding.truncated_svd_stacks(stacks, layer_ids, seed=cfg.seed, module_id=module_index(module),
+                                            mesh=first.mesh, rank=rank, method=cfg.svd,
+                                            n_oversamples=cfg.n_oversamples, n_power_iter=cfg.n_power_iter)
+    del stacks  # the weights (size, big, small) are not needed past the kernel
+    batches = jax.tree.map(np.asarray, batches)
+    share = (time.perf_counter() - t_svd) / len(parts)  # one program for all: an even split
+    for (subs, layers), batch, wide in zip(parts, batches, wides):
+      subs.keep(module, layers, rank, batch, wide)
+      subs.seconds_decompose += share
+      if progress is not None:
+        progress(len(layers))
+  share = (time.perf_counter() - t0) / len(requests)
+  for subs, _ in requests:
+    subs.seconds += share
+  return [subs.stacked(module, layers, rank) for subs, layers in requests]
 
 
 def layer_keys(seed: int, module: str, layers: Sequence[int]) -> jax.Array:
@@ -169,11 +204,7 @@ def layer_keys(seed: int, module: str, layers: Sequence[int]) -> jax.Array:
   return _layer_keys(np.uint32(seed), np.uint32(module_index(module)), np.asarray(layers, np.uint32))
 
 
-@jax.jit
-def _layer_keys(seed: jax.Array, module: jax.Array, layers: jax.Array) -> jax.Array:
-  """(L,) keys in one compiled program per batch size (eagerly, each step would build its own)."""
-  base = jax.random.fold_in(jax.random.key(seed), module)
-  return jax.vmap(lambda l: jax.random.fold_in(base, l))(layers)
+_layer_keys = jax.jit(kernels.layer_keys)  # the keys the SVD programs make inside themselves
 
 
 def canonical_signs(u_lmr: np.ndarray, v_lnr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

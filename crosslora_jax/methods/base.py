@@ -37,9 +37,12 @@ class ProjectionBatch:
   items: Sequence[Sequence[WorkItem]]  # per adapter, its L work items
   solver: str  # "closed" or "lstsq"
   context: Any = None  # what Method.prepare returned for this run
+  overlaps_wanted: bool = True  # False: the report's overlaps of this layout are known (cached) already
 
 
-# (batch) -> (Projected of (N, L, ...) arrays, per adapter per item extra report fields or None)
+# (batch) -> (Projected of (N, L, ...) arrays, per adapter per item extra report fields or None).
+# An "overlap" extra is the report's subspace overlap of the item's layer pair: a method that
+# computes it in its own projection program saves the engine a program per shape pair.
 BatchProjection = Callable[[ProjectionBatch], "tuple[kernels.Projected, list[list[dict[str, Any]]] | None]"]
 # (sub_s, sub_t, a_ri, b_or, *, out_t, in_t, solver) -> Projected of one module; pure, jittable.
 ModuleProjection = Callable[..., kernels.Projected]

@@ -11,8 +11,14 @@ from crosslora_jax.methods.base import Method, ProjectionBatch
 
 
 def project(batch: ProjectionBatch):
-  return kernels.project_cross_lora_adapters(batch.sub_source, batch.sub_target, batch.a_nlri, batch.b_nlor,
-                                             solver=batch.solver), None
+  """The batch's projections and, per layer row, the report's overlap (computed in the same program)."""
+  proj, overlap = kernels.project_cross_lora_adapters_and_overlaps(
+      batch.sub_source, batch.sub_target, batch.a_nlri, batch.b_nlor, solver=batch.solver,
+      with_overlaps=batch.overlaps_wanted)
+  if overlap is None:
+    return proj, None
+  per_row = [{"overlap": x} for x in overlap.tolist()]
+  return proj, [per_row for _ in batch.items]
 
 
 def project_module(sub_s, sub_t, a_ri, b_or, *, out_t, in_t, solver):
