@@ -159,6 +159,14 @@ def block_nll(target_lm, lora, spec, ids: np.ndarray) -> np.ndarray:
   return -lp.astype(np.float64).mean(axis=1)
 
 
+def adapter_nll(model, folder: pathlib.Path, ids: np.ndarray) -> np.ndarray:
+  """block_nll of ``model`` with the PEFT adapter in ``folder``."""
+  from crosslora_jax.formats import peft_format
+  from crosslora_jax.lm.lora import lora_from_peft
+  lora, spec = lora_from_peft(peft_format.read_adapter(folder), model.config)
+  return block_nll(model, lora, spec, ids)
+
+
 def arm_config(name: str, args) -> tuple[Any, dict[str, Any]]:
   from crosslora_jax.refine import RefineConfig
   overrides = dict(ARMS[name])
@@ -366,11 +374,7 @@ def measure_base(args, state: dict[str, Any], cache_dir: pathlib.Path) -> dict[s
   if ref:
     record.update(trained_nll=ref["trained_nll"], trained_by="torch (results/quality.json)")
   else:
-    from crosslora_jax.formats import peft_format
-    from crosslora_jax.lm.lora import lora_from_peft
-    adapter = peft_format.read_adapter(trained_lora(args.target, cache_dir, state["target_lm"], args.domain))
-    lora, spec = lora_from_peft(adapter, state["target_lm"].config)
-    trained = block_nll(state["target_lm"], lora, spec, state["blocks"])
+    trained = adapter_nll(state["target_lm"], trained_lora(args.target, cache_dir, state["target_lm"], args.domain), state["blocks"])
     record.update(trained_nll=float(trained.mean()), trained_blocks=trained.tolist(), trained_by="JAX (trained here)")
   record["seconds"] = time.perf_counter() - t0
   log(f"base NLL {record['base_nll']:.4f} (reference {record['base_nll_reference']}), trained {record['trained_nll']:.4f} "
@@ -383,13 +387,10 @@ def source_gain(args, state: dict[str, Any], cache_dir: pathlib.Path) -> dict[st
   path = cache_dir / "sources" / f"{args.source}-{args.domain}-{args.blocks}.json"
   if path.exists():
     return json.loads(path.read_text())
-  from crosslora_jax.formats import peft_format
-  from crosslora_jax.lm.lora import lora_from_peft
   from crosslora_jax.refine import runtime
   model = runtime.load_lm(state["source_dir"], None, "float32")
   ids = heldout_ids(state["source_dir"], args.blocks, args.domain)
-  lora, spec = lora_from_peft(peft_format.read_adapter(state["source_adapter"]), model.config)
-  base, tuned = block_nll(model, None, None, ids), block_nll(model, lora, spec, ids)
+  base, tuned = block_nll(model, None, None, ids), adapter_nll(model, state["source_adapter"], ids)
   record = {"source": args.source, "domain": args.domain, "blocks": args.blocks, "adapter": str(state["source_adapter"]),
             "base_nll": float(base.mean()), "adapter_nll": float(tuned.mean()), "gain": float(base.mean() - tuned.mean()),
             "gain_se": textdata.paired_se(tuned, base)}
@@ -403,11 +404,8 @@ def measure_bound(args, state: dict[str, Any], cache_dir: pathlib.Path, lr: floa
   path = cache_dir / "bounds" / f"{args.target}-{args.domain}-{args.blocks}-lr{lr:g}.json"
   if path.exists():
     return
-  from crosslora_jax.formats import peft_format
-  from crosslora_jax.lm.lora import lora_from_peft
   folder = trained_lora(args.target, cache_dir, state["target_lm"], args.domain, lr=lr)
-  lora, spec = lora_from_peft(peft_format.read_adapter(folder), state["target_lm"].config)
-  nll = block_nll(state["target_lm"], lora, spec, state["blocks"])
+  nll = adapter_nll(state["target_lm"], folder, state["blocks"])
   path.write_text(json.dumps({"target": args.target, "domain": args.domain, "blocks": args.blocks, "lr": lr,
                               "recipe": json.loads((folder / "train_info.json").read_text())["recipe"],
                               "trained_nll": float(nll.mean()), "nll_blocks": nll.tolist()}))
