@@ -192,9 +192,9 @@ def logits(params: dict[str, Any], lora: LoraParams | None, spec: LoraSpec | Non
   return logits_from_hidden(params, cfg, hidden)
 
 
-def chunked_log_softmax_at(hidden: jnp.ndarray, head: jnp.ndarray, targets: jnp.ndarray, cfg: LMConfig,
-                           vocab_chunk: int = DEFAULT_VOCAB_CHUNK) -> jnp.ndarray:
-  """log softmax(hidden headᵀ)[targets], (B, T) float32, never holding more than (B, T, chunk) logits.
+def chunked_logsumexp(hidden: jnp.ndarray, head: jnp.ndarray, cfg: LMConfig,
+                      vocab_chunk: int = DEFAULT_VOCAB_CHUNK) -> jnp.ndarray:
+  """logsumexp(hidden headᵀ) over the vocabulary, (B, T) float32, never holding more than (B, T, chunk) logits.
 
   An online log-sum-exp over vocabulary chunks (``lax.scan``); each chunk's body is
   rematerialised under ``jax.checkpoint`` so the backward pass does not keep every
@@ -204,8 +204,6 @@ def chunked_log_softmax_at(hidden: jnp.ndarray, head: jnp.ndarray, targets: jnp.
   V = head.shape[0]
   size = min(vocab_chunk, V)
   n_chunks = -(-V // size)
-  picked = jnp.einsum("bth,bth->bt", hidden, jnp.take(head, targets, axis=0), preferred_element_type=jnp.float32)
-  picked = _softcap(picked, cfg)
 
   @jax.checkpoint
   def body(carry, i):
@@ -219,9 +217,21 @@ def chunked_log_softmax_at(hidden: jnp.ndarray, head: jnp.ndarray, targets: jnp.
     run_sum = run_sum * jnp.exp(run_max - new_max) + jnp.exp(chunk - new_max[..., None]).sum(-1)
     return (new_max, run_sum), None
 
-  init = (jnp.full(targets.shape, -jnp.inf, jnp.float32), jnp.zeros(targets.shape, jnp.float32))
+  shape = hidden.shape[:-1]
+  init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32))
   (run_max, run_sum), _ = jax.lax.scan(body, init, jnp.arange(n_chunks))
-  return picked - (run_max + jnp.log(run_sum))
+  return run_max + jnp.log(run_sum)
+
+
+def chunked_log_softmax_at(hidden: jnp.ndarray, head: jnp.ndarray, targets: jnp.ndarray, cfg: LMConfig,
+                           vocab_chunk: int = DEFAULT_VOCAB_CHUNK) -> jnp.ndarray:
+  """log softmax(hidden headᵀ)[targets]: (B, T) for targets (B, T), (B, T, K) for targets (B, T, K)
+  (K candidate tokens per position); the normaliser from :func:`chunked_logsumexp`."""
+  rows = jnp.take(head, targets, axis=0)  # (B, T, [K,] H)
+  spec = "bth,bth->bt" if targets.ndim == 2 else "bth,btkh->btk"
+  picked = _softcap(jnp.einsum(spec, hidden, rows, preferred_element_type=jnp.float32), cfg)
+  lse = chunked_logsumexp(hidden, head, cfg, vocab_chunk)
+  return picked - (lse if targets.ndim == 2 else lse[..., None])
 
 
 def token_logprobs(params: dict[str, Any], lora: LoraParams | None, spec: LoraSpec | None, cfg: LMConfig,

@@ -34,7 +34,7 @@ _FLAG_FIELDS = {  # flag name -> RefineConfig field
     "refine_top_p": "top_p", "refine_steps": "steps", "refine_batch": "batch", "refine_lr": "lr",
     "refine_seed": "seed", "refine_rank": "rank", "refine_alpha": "alpha", "refine_select": "selection",
     "refine_fraction": "fraction", "refine_loss": "loss", "refine_anchor": "anchor", "refine_check": "check",
-    "refine_eval_every": "eval_every", "refine_writer": "writer", "refine_clip": "clip",
+    "refine_eval_every": "eval_every", "refine_writer": "writer", "refine_clip": "clip", "refine_vocab_k": "vocab_k",
 }
 flags.DEFINE_integer("refine_tokens", _DEFAULTS.tokens, "--refine distill: synthetic tokens the teacher writes in all "
                      "(samples = ceil(tokens / sample_tokens), a share held back for the checks).", **_INT)
@@ -66,6 +66,9 @@ flags.DEFINE_enum("refine_writer", _DEFAULTS.writer, list(WRITERS), "--refine di
 flags.DEFINE_float("refine_clip", _DEFAULTS.clip, "--refine_loss reward: PPO clip of the probability ratio.")
 flags.DEFINE_float("refine_anchor", _DEFAULTS.anchor, "--refine_loss nll: weight of the squared log-prob change "
                    "against the target base on the tokens not selected (0 = off).")
+flags.DEFINE_integer("refine_vocab_k", _DEFAULTS.vocab_k, "--refine_loss delta: also match the adapter's change of "
+                     "the teacher's K likeliest next tokens where both tokenizers start a token at the same character "
+                     "and share the token (0 = the sampled token only).", **_INT)
 flags.DEFINE_enum("refine_check", _DEFAULTS.check, list(CHECKS), "--refine distill: held-back measure that picks the "
                   "step that ships: agreement (correlation of the student's and teacher's log-prob changes), "
                   "delta_error or nll_selected (nats).")

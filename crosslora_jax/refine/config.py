@@ -47,6 +47,9 @@ class RefineConfig:
   ``writer``: who writes the text: ``"source"`` (source base + adapter, the teacher) or
   ``"target"`` (the target base writes, the teacher only scores it: no text of another
   model's style is learned).
+  ``vocab_k``: with ``"delta"``, also match the adapter's change of the teacher's ``vocab_k``
+  likeliest next tokens wherever both tokenizers start a token at the same character and
+  hold the token (:mod:`crosslora_jax.refine.vocab`); 0 = the sampled token only.
   ``check``: the held-back measure that picks the best evaluated step (see
   ``student.heldout_metrics``); ``eval_every``: steps between checks;
   ``guard``: return the initial adapter when no evaluated step beats it on ``check``.
@@ -63,6 +66,7 @@ class RefineConfig:
   fraction: float = 0.3
   loss: str = "delta"
   anchor: float = 0.0
+  vocab_k: int = 0
   clip: float = 0.2
   writer: str = "source"
   steps: int = 16
@@ -99,6 +103,10 @@ class RefineConfig:
       positive_int(name)
     positive_int("warmup", allow_zero=True)
     positive_int("seed", allow_zero=True)
+    positive_int("vocab_k", allow_zero=True)
+    if self.vocab_k and (self.loss != "delta" or self.writer != "source"):
+      problems.append(f"vocab_k: only with loss 'delta' on the teacher's text (writer 'source'), got loss {self.loss!r}, "
+                      f"writer {self.writer!r}")
     if self.rank is not None:
       positive_int("rank")
     number_in("temperature", 0.0, 10.0, low_open=False)

@@ -60,7 +60,25 @@ def _check_payload(payload: Any) -> str | None:
   for text, span, score in zip(texts, spans, scores):
     if not isinstance(text, str) or not isinstance(span, list) or not isinstance(score, list) or len(span) != len(score):
       return "a sample's spans and scores differ in length"
-  return None
+  return _check_candidates(payload, spans)
+
+
+def _check_candidates(payload: dict, spans: list) -> str | None:
+  """None when the optional candidate arrays (refine.vocab) are absent or one (k,) row per token."""
+  if "cand_ids" not in payload:
+    return None
+  ids, deltas = payload.get("cand_ids"), payload.get("cand_deltas")
+  if not (isinstance(ids, list) and isinstance(deltas, list) and len(ids) == len(deltas) == len(spans)):
+    return "candidate ids and changes missing or not one list per sample"
+  widths = set()
+  for id_rows, delta_rows, span in zip(ids, deltas, spans):
+    if not (isinstance(id_rows, list) and isinstance(delta_rows, list) and len(id_rows) == len(delta_rows) == len(span)):
+      return "a sample's candidates differ in length from its tokens"
+    for i_row, d_row in zip(id_rows, delta_rows):
+      if not (isinstance(i_row, list) and isinstance(d_row, list) and len(i_row) == len(d_row)):
+        return "a token's candidate ids and changes differ in length"
+      widths.add(len(i_row))
+  return None if len(widths) <= 1 else "tokens with different numbers of candidates"
 
 
 def load(root: pathlib.Path, key: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str]:

@@ -72,10 +72,13 @@ def advantages(scores: np.ndarray, learn: np.ndarray, train_rows: np.ndarray) ->
   return np.where(learn, scores - baseline, 0.0).astype(np.float32)
 
 
-def prepare_student(target: Any, corpus: teacher.Corpus, config: RefineConfig) -> tuple[student.StudentData, student.StudentData, dict]:
-  """(train, held-back) student data with weights and the target base's log-probs filled in."""
+def prepare_student(target: Any, corpus: teacher.Corpus, config: RefineConfig,
+                    mapping: np.ndarray | None = None) -> tuple[student.StudentData, student.StudentData, dict]:
+  """(train, held-back) student data with weights and the target base's log-probs filled in;
+  ``mapping`` (source id → target id) carries the corpus's candidates (``config.vocab_k``)."""
   data = student.encode_corpus(corpus, target.tokenizer,
-                               max_tokens=min(4 * config.sample_tokens + 64, target.config.max_positions))
+                               max_tokens=min(4 * config.sample_tokens + 64, target.config.max_positions),
+                               mapping=mapping if config.vocab_k else None)
   train_rows, held_rows = _split(len(corpus.texts), config)
   data.weights = np.zeros_like(data.target)
   if config.loss == "reward":
@@ -94,9 +97,15 @@ def prepare_student(target: Any, corpus: teacher.Corpus, config: RefineConfig) -
   data.base_lp = np.zeros_like(data.target)
   data.base_lp[rows] = runtime.batched_logprobs(target, None, None, data.ids[rows], data.real[rows], batch=config.batch,
                                                 progress=False, what="target base log-probs")
+  if data.cand_ids is not None:
+    from crosslora_jax.refine.vocab import candidate_logprobs
+    data.cand_base = candidate_logprobs(target, data.ids, data.real, data.cand_ids, batch=config.batch)
   info = {"student_tokens": int(data.real.sum()), "learnable_tokens": int(data.learn.sum()),
           "selected_tokens": int((data.weights[train_rows] > 0).sum()), "train_samples": int(len(train_rows)),
           "heldout_samples": int(len(held_rows)), "length": int(data.ids.shape[1])}
+  if data.cand_mask is not None:
+    info["carried_candidates"] = int(data.cand_mask[train_rows].sum())
+    info["positions_with_candidates"] = int(data.cand_mask[train_rows].any(-1).sum())
   return data.rows(train_rows), data.rows(held_rows), info
 
 
@@ -133,7 +142,11 @@ def refine_adapter(source_folder: Any, source_adapter: Any, target_folder: Any, 
   corpus_info.setdefault("writer", "source")
   phases["teacher"] = corpus_info["seconds"]
   t0 = time.perf_counter()
-  train, held, tokens_info = prepare_student(target, corpus, config)
+  mapping = None
+  if config.vocab_k:
+    from crosslora_jax.refine.vocab import vocab_map
+    mapping = vocab_map(source_folder, getattr(target, "folder", None) or target_folder)
+  train, held, tokens_info = prepare_student(target, corpus, config, mapping)
   phases["student_data"] = time.perf_counter() - t0
   t0 = time.perf_counter()
   outcome = train_student(target, lora0, spec, train, held, config, progress=progress)

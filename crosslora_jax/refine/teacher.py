@@ -32,17 +32,24 @@ class Corpus:
   prompts: list[str]  # the raw prompts ("" = from the separator token): the student renders its own
   spans: list[list[tuple[int, int]]]  # teacher tokens' character spans
   scores: list[list[float]]  # teacher tokens' scores (nats), 0 on prompt and special tokens
+  # With RefineConfig.vocab_k: per token, the k candidates of its distribution and their change (refine.vocab).
+  cand_ids: list[list[list[int]]] | None = None
+  cand_deltas: list[list[list[float]]] | None = None
 
   def to_payload(self) -> dict[str, Any]:
-    return {"texts": self.texts, "prompt_chars": self.prompt_chars, "prompts": self.prompts, "spans": [[list(s) for s in row] for row in self.spans],
-            "scores": self.scores}
+    payload = {"texts": self.texts, "prompt_chars": self.prompt_chars, "prompts": self.prompts,
+               "spans": [[list(s) for s in row] for row in self.spans], "scores": self.scores}
+    if self.cand_ids is not None:
+      payload.update(cand_ids=self.cand_ids, cand_deltas=self.cand_deltas)
+    return payload
 
   @classmethod
   def from_payload(cls, payload: dict[str, Any]) -> Corpus:
     n = len(payload["texts"])
     return cls(texts=list(payload["texts"]), prompt_chars=[int(c) for c in payload.get("prompt_chars", [0] * n)],
                prompts=[str(p) for p in payload.get("prompts", [""] * n)],
-               spans=[[tuple(s) for s in row] for row in payload["spans"]], scores=[list(map(float, r)) for r in payload["scores"]])
+               spans=[[tuple(s) for s in row] for row in payload["spans"]], scores=[list(map(float, r)) for r in payload["scores"]],
+               cand_ids=payload.get("cand_ids"), cand_deltas=payload.get("cand_deltas"))
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
@@ -63,7 +70,8 @@ def tokenizer_hash(folder: Any) -> str:
 def cache_key(source_fingerprint: str, adapter_sha: str, prompts: Sequence[str] | None, config: RefineConfig,
               tokenizer_sha: str = "") -> dict[str, Any]:
   prompts_sha = hashlib.sha256("\x00".join(prompts).encode()).hexdigest() if prompts else None
-  return {"source": hashlib.sha256(source_fingerprint.encode()).hexdigest(), "tokenizer": tokenizer_sha, "adapter": adapter_sha,
+  extra = {"vocab_k": config.vocab_k} if config.vocab_k else {}  # keys of corpora without candidates unchanged
+  return {**extra, "source": hashlib.sha256(source_fingerprint.encode()).hexdigest(), "tokenizer": tokenizer_sha, "adapter": adapter_sha,
           "prompts": prompts_sha, "samples": config.samples, "sample_tokens": config.sample_tokens,
           "temperature": float(config.temperature), "top_p": float(config.top_p), "seed": config.seed}
 
@@ -91,8 +99,9 @@ def write_texts(teacher: Any, prompts: Sequence[str], config: RefineConfig, *, p
 
 
 def score_texts(teacher: Any, texts: Sequence[str], prompt_chars: Sequence[int], *, batch: int, progress: bool,
-                prompts: Sequence[str] | None = None) -> Corpus:
-  """Scores every teacher token of ``texts`` by log p(with adapter) − log p(base)."""
+                prompts: Sequence[str] | None = None, vocab_k: int = 0) -> Corpus:
+  """Scores every teacher token of ``texts`` by log p(with adapter) − log p(base); with ``vocab_k``,
+  also the change of each position's ``vocab_k`` likeliest tokens (:mod:`crosslora_jax.refine.vocab`)."""
   tok = teacher.tokenizer
   encoded = [tok.encode_with_offsets(t) for t in texts]
   ids_rows = [e[0] for e in encoded]
@@ -107,8 +116,12 @@ def score_texts(teacher: Any, texts: Sequence[str], prompt_chars: Sequence[int],
         row[i] = 0.0
     spans.append([tuple(o) for o in offsets])
     scores.append(row.tolist())
-  return Corpus(texts=list(texts), prompt_chars=list(prompt_chars), prompts=list(prompts or [""] * len(texts)),
-                spans=spans, scores=scores)
+  corpus = Corpus(texts=list(texts), prompt_chars=list(prompt_chars), prompts=list(prompts or [""] * len(texts)),
+                  spans=spans, scores=scores)
+  if vocab_k:
+    from crosslora_jax.refine.vocab import teacher_candidates
+    corpus.cand_ids, corpus.cand_deltas = teacher_candidates(teacher, ids_rows, vocab_k, batch=batch)
+  return corpus
 
 
 def build_corpus(source_folder: Any, source_adapter: Any, config: RefineConfig, *, progress: bool,
@@ -127,7 +140,7 @@ def build_corpus(source_folder: Any, source_adapter: Any, config: RefineConfig, 
 
   return cached_corpus(key, config, lambda: write_texts(lm(), prompts, config, progress=progress),
                        lambda texts, chars: score_texts(lm(), texts, chars, batch=config.batch, progress=progress,
-                                                        prompts=prompts))
+                                                        prompts=prompts, vocab_k=config.vocab_k))
 
 
 def cached_corpus(key: dict[str, Any], config: RefineConfig, write: Callable[[], tuple[list[str], list[int]]],
@@ -139,7 +152,7 @@ def cached_corpus(key: dict[str, Any], config: RefineConfig, write: Callable[[],
   status = "disabled"
   if config.use_cache:
     payload, status = corpus_cache.load(root, key)
-    if payload is not None and len(payload["texts"]) == config.samples:
+    if payload is not None and len(payload["texts"]) == config.samples and (not config.vocab_k or "cand_ids" in payload):
       corpus = Corpus.from_payload(payload)
       return corpus, {"cache": "hit", "seconds": time.perf_counter() - start, "samples": len(corpus.texts),
                       "teacher_tokens": sum(len(s) for s in corpus.spans)}

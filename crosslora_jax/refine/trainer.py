@@ -79,10 +79,11 @@ def train_student(target: Any, lora0: Any, spec: Any, train: student.StudentData
   from crosslora_jax.lm import loop
   checks = _Checks(target, lora0, spec, held, config)
   batches = _batches(len(train.ids), config.batch, config.steps, config.seed)
-  loss_fn = student.make_loss(target.config, spec, loss=config.loss, anchor=config.anchor, clip=config.clip)
+  vocab = train.cand_ids is not None
+  loss_fn = student.make_loss(target.config, spec, loss=config.loss, anchor=config.anchor, clip=config.clip, vocab=vocab)
   result = loop.fit(loss_fn, lora0, lambda index: train.batch(batches[index]), train_config(config),
                     params=target.params, progress=progress, description="refine (student training)",
-                    step_key=("refine.student", target.config, spec, config.loss, float(config.anchor), float(config.clip)),
+                    step_key=("refine.student", target.config, spec, config.loss, float(config.anchor), float(config.clip), vocab),
                     callback=checks)
   best_lora, best_step = checks.best_lora, checks.best_step
   if not config.guard and best_step == 0 and result.losses and np.isfinite(result.losses[-1]):
