@@ -54,6 +54,7 @@ ARMS: dict[str, dict[str, Any]] = {  # name -> RefineConfig overrides (+ "init":
     "random-delta": {"loss": "delta", "random": True},
     "null-delta": {"loss": "delta", "null": True},
     "delta-vocab16": {"loss": "delta", "vocab_k": 16},
+    "null-all": {"loss": "nll", "selection": "all", "null": True, "guard": False},
     "random-delta-vocab16": {"loss": "delta", "vocab_k": 16, "random": True},
     "null-delta-vocab16": {"loss": "delta", "vocab_k": 16, "null": True},
     "topk30": {"loss": "nll", "selection": "topk", "fraction": 0.3},
@@ -230,6 +231,7 @@ def arm_label(rec: dict[str, Any]) -> str:
   config, default = rec["report"]["config"], RefineConfig()
   notes = [f"seed {config['seed']}"] if config.get("seed", 0) else []
   notes += [f"{config[k]} {k}" for k in ("tokens", "steps") if config.get(k, getattr(default, k)) != getattr(default, k)]
+  notes += [f"lr {config['lr']:g}"] if config.get("lr", default.lr) != default.lr else []
   return rec["arm"] if not notes else f"{rec['arm']} ({', '.join(notes)})"
 
 
