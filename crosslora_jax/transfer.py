@@ -97,7 +97,7 @@ _LAYER_MAP = flags.DEFINE_enum("layer_map", _DEFAULTS.layer_map, planning.LAYER_
 _SVD = flags.DEFINE_enum("svd", _DEFAULTS.svd, kernels.SVD_METHODS,
                          "Truncated SVD algorithm: exact (full SVD), gram (eigh of the smaller Gram matrix), "
                          "randomized (subspace iteration seeded by --seed, 64 oversamples and 6 power iterations: "
-                         "the setting that keeps the tail energy within 1.01x the optimum; it was 10 and 2) or "
+                         "the setting measured to keep the tail energy within 1.01x the optimum) or "
                          "auto (per weight shape: randomized where it does no more arithmetic than gram, else "
                          "gram; the report says which). Accuracy and speed in results/speed.md.")
 _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Subspace cache folder: base-weight SVDs are saved here and "

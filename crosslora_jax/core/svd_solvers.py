@@ -20,7 +20,7 @@ from jax import lax
 HIGHEST = lax.Precision.HIGHEST
 GRAM_OVERSAMPLES = 32  # eigh directions beyond the rank kept for gram's Rayleigh–Ritz step
 # randomized's defaults: the setting measured to keep the tail energy within 1.01x the rank-r
-# optimum on real and paper-shaped spectra (p 10, q 2 missed it by 10-13%).
+# optimum on real and paper-shaped spectra (p 10, q 2 misses it by 10-13%).
 RANDOMIZED_OVERSAMPLES = 64
 RANDOMIZED_POWER_ITER = 6
 AUTO = "auto"  # per weight: gram or randomized, whichever does less arithmetic (auto_method)
