@@ -157,7 +157,9 @@ def test_auto_cache_entries_are_the_used_methods_entries(tmp_path):
   written = sorted(p.name for p in (tmp_path / "cache").rglob("q_proj-*randomized*.safetensors"))
   assert len(written) == 2 and all("-randomized-s0-p64-q6-" in name for name in written), written
   rand, _ = _run(source, target, adapter, svd="randomized", cache_dir=cache)
-  assert rand.subspaces_target.loaded >= 2  # auto's randomized entries are randomized's own
+  # auto's randomized entries (target q) are randomized's own; nothing else was randomized before
+  assert (rand.subspaces_target.loaded, rand.subspaces_target.computed) == (2, 2)
+  assert (rand.subspaces_source.loaded, rand.subspaces_source.computed) == (0, n_layers)
   # without a cache: one program for both models' chunk, each stack by its own method, equals
   # each model's weights decomposed alone by the method auto named for them, bit for bit
   runs = {svd: _run(source, target, adapter, svd=svd, cache_dir=None)[0] for svd in ("auto", "gram", "randomized")}
