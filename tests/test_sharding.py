@@ -43,7 +43,7 @@ SCRIPT = textwrap.dedent("""
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-5)
     w2 = rng.standard_normal((8, 36, 20)).astype(np.float32)  # two models' stacks in one program
     ids = (np.arange(8, dtype=np.uint32), np.arange(8, dtype=np.uint32)[::-1].copy())
-    for method in ("gram", "randomized"):
+    for method in ("gram", "randomized", ("gram", "randomized")):  # the last: a method per stack (--svd auto)
       sharded = sharding.truncated_svd_stacks((w, w2), ids, seed=3, module_id=1, mesh=mesh, rank=5, method=method)
       single = sharding.truncated_svd_stacks((w, w2), ids, seed=3, module_id=1, mesh=None, rank=5, method=method)
       assert len(sharded[1].u.sharding.device_set) == 4

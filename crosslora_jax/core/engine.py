@@ -336,7 +336,8 @@ def project_group(run: TransferRun, module: str, rank: int, subs: ChunkSubspaces
                                                           w.factors.scaling)
       run.outputs[n].entries.append({
           **_report_entry(run, n, w, subs, lora_rank, float(adapter_proj.norm_ratio[i])),
-          "seconds": seconds / len(items), **without_overlap(extras[row][i]), **calib[i]})
+          **_svd_used(run, module, rank), "seconds": seconds / len(items), **without_overlap(extras[row][i]),
+          **calib[i]})
 
 
 def _report_entry(run: TransferRun, n: int, w: planning.WorkItem, subs: ChunkSubspaces, lora_rank: int,
@@ -358,6 +359,12 @@ def _report_entry(run: TransferRun, n: int, w: planning.WorkItem, subs: ChunkSub
       "norm_ratio": norm_ratio,
       "overlap": subs.overlap.get((w.source_layer, w.target_layer)) if subs.source is not None else None,
   }
+
+
+def _svd_used(run: TransferRun, module: str, rank: int) -> dict[str, str | None]:
+  """The SVD method each model's ``module`` weights went through (``--svd auto`` resolved), None if unused."""
+  return {"svd_source": run.subspaces_source.svd_method(module, rank) if run.method.needs_source_subspaces else None,
+          "svd_target": run.subspaces_target.svd_method(module, rank) if run.method.needs_target_subspaces else None}
 
 
 def build_results(run: TransferRun, *, seconds: float) -> list[TransferResult]:

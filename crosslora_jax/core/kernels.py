@@ -24,11 +24,11 @@ from jax import lax
 
 from crosslora_jax.core import svd_solvers
 from crosslora_jax.core.svd_solvers import HIGHEST, mm  # noqa: F401  (HIGHEST: part of this module's surface)
-SVD_METHODS = ("exact", "gram", "randomized")
+SVD_METHODS = ("exact", "gram", "randomized", svd_solvers.AUTO)  # auto: gram or randomized per weight shape
 SEEDED_SVD_METHODS = ("randomized",)  # the SVD methods that draw from a PRNG key
 DEFAULT_SVD = "gram"  # chosen from measured accuracy and speed: BUILD_NOTES.md, "Speed and memory"
-DEFAULT_OVERSAMPLES = 10
-DEFAULT_POWER_ITER = 2
+DEFAULT_OVERSAMPLES = svd_solvers.RANDOMIZED_OVERSAMPLES
+DEFAULT_POWER_ITER = svd_solvers.RANDOMIZED_POWER_ITER
 
 
 class Subspace(NamedTuple):
@@ -70,8 +70,9 @@ def truncated_svd(w_oi: jax.Array, key: jax.Array | None = None, *, rank: int, m
     key: PRNG key, used by ``method="randomized"`` only.
     rank: static; at most min(out, in) (the planner clips it).
     method: ``"exact"`` (jnp.linalg.svd), ``"gram"`` (eigh of the smaller Gram
-      matrix + Rayleigh–Ritz) or ``"randomized"`` (subspace iteration from a
-      Gaussian start + Rayleigh–Ritz); see ``BUILD_NOTES.md`` for their accuracy.
+      matrix + Rayleigh–Ritz), ``"randomized"`` (subspace iteration from a
+      Gaussian start + Rayleigh–Ritz) or ``"auto"`` (gram or randomized, by
+      :func:`svd_solvers.resolve_method` on this shape and rank); see ``BUILD_NOTES.md`` for their accuracy.
     n_oversamples: randomized only: extra columns beyond ``rank``.
     n_power_iter: randomized only: multiplications by WᵀW.
 
@@ -83,6 +84,7 @@ def truncated_svd(w_oi: jax.Array, key: jax.Array | None = None, *, rank: int, m
     raise ValueError(f"w_oi: a 2-D (out, in) matrix expected, got shape {tuple(w.shape)}")
   if not 0 < rank <= min(w.shape):
     raise ValueError(f"rank: 1..min{tuple(w.shape)} expected, got {rank}")
+  method = svd_solvers.resolve_method(method, w.shape, rank, n_oversamples=n_oversamples, n_power_iter=n_power_iter)
   if method not in _SVD_SOLVERS:
     raise ValueError(f"method expected one of {SVD_METHODS}, got {method!r}")
   if method in SEEDED_SVD_METHODS:
@@ -121,21 +123,26 @@ def batched_truncated_svd(w_loi: jax.Array, keys: jax.Array, *, rank: int, metho
 
 @functools.partial(jax.jit, static_argnames=("rank", "method", "n_oversamples", "n_power_iter"))
 def batched_truncated_svds(stacks: tuple[jax.Array, ...], layer_ids: tuple[jax.Array, ...], seed: jax.Array,
-                           module_id: jax.Array, *, rank: int, method: str = "exact",
+                           module_id: jax.Array, *, rank: int, method: str | tuple[str, ...] = "exact",
                            n_oversamples: int = DEFAULT_OVERSAMPLES,
                            n_power_iter: int = DEFAULT_POWER_ITER) -> tuple[Subspace, ...]:
   """Several (L, out, in) stacks (one per model: a chunk's source and target weights) in one program.
 
   Each stack gets :func:`batched_truncated_svd`'s maths, its PRNG keys made in the
   same program from (seed, module id, layer ids (L,) uint32) as :func:`layer_keys`
-  makes them, so one compiled program serves a chunk of both models. The stacks run
+  makes them, so one compiled program serves a chunk of both models. ``method`` is
+  one name for every stack or one per stack (``--svd auto`` may pick gram for one
+  model's shape and randomized for the other's: still one program). The stacks run
   one after the other (an optimization barrier orders them): two LAPACK loops at
   once can deadlock jaxlib 0.10's CPU pool (see :func:`map_layers`).
   """
-  fn = functools.partial(truncated_svd, rank=rank, method=method, n_oversamples=n_oversamples,
-                         n_power_iter=n_power_iter)
+  per_stack = (method,) * len(stacks) if isinstance(method, str) else tuple(method)
+  if len(per_stack) != len(stacks):
+    raise ValueError(f"method: one name or one per stack ({len(stacks)}) expected, got {method!r}")
   out: list[Subspace] = []
-  for w_loi, layers in zip(stacks, layer_ids):
+  for w_loi, layers, stack_method in zip(stacks, layer_ids, per_stack):
+    fn = functools.partial(truncated_svd, rank=rank, method=stack_method, n_oversamples=n_oversamples,
+                           n_power_iter=n_power_iter)
     if out:
       _, w_loi = lax.optimization_barrier((out[-1], w_loi))
     out.append(map_layers(fn, w_loi, layer_keys(seed, module_id, layers)))

@@ -50,6 +50,7 @@ class Report:
         "norm_calibrated": bool(report.config.get("calibrate_norm")),
         "mean_relative_update_source": _mean([x.get("relative_update_source") for x in e]),
         "mean_relative_update_target": _mean([x.get("relative_update_target") for x in e]),
+        "svd_by_shape": svd_by_shape(e),
     }
     return report
 
@@ -82,6 +83,10 @@ class Report:
     ]
     lines.append(f"  |dW|/|W| source {fmt(s['mean_relative_update_source'])}, target "
                  f"{fmt(s['mean_relative_update_target'])} (norm calibration {'on' if s['norm_calibrated'] else 'off'})")
+    if s["svd_by_shape"]:
+      lines.append(f"  svd {self.config.get('svd')}: " + "; ".join(
+          f"{'/'.join(g['modules'])} {_dims(g['source_shape'])} {g['svd_source'] or '-'} -> "
+          f"{_dims(g['target_shape'])} {g['svd_target'] or '-'}" for g in s["svd_by_shape"]))
     if s["guard"]:
       lines.append(f"  anchored guard: " + ", ".join(f"{g} {n}" for g, n in s["guard"].items())
                    + f"; mean predicted transferability {fmt(s['mean_predicted_transferability'])}"
@@ -94,6 +99,30 @@ class Report:
     if self.refine is not None:
       lines += refine_lines(self.refine)
     return "\n".join(lines)
+
+
+def svd_by_shape(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The SVD method each model's weights went through, per group of modules sharing oriented shapes and rank.
+
+  Shapes are (big, small): a weight and its transpose (gate_proj and down_proj) share one
+  decomposition program and one ``--svd auto`` choice. Empty when no entry used a subspace.
+  """
+  groups: dict[tuple, dict[str, Any]] = {}
+  for x in entries:
+    if x.get("svd_source") is None and x.get("svd_target") is None:
+      continue
+    shapes = [sorted(x[side], reverse=True) for side in ("source_shape", "target_shape")]
+    key = (*map(tuple, shapes), x["rank_used"], x["svd_source"], x["svd_target"])
+    group = groups.setdefault(key, {"modules": [], "source_shape": shapes[0], "target_shape": shapes[1],
+                                    "rank": x["rank_used"], "svd_source": x["svd_source"],
+                                    "svd_target": x["svd_target"]})
+    if x["module"] not in group["modules"]:
+      group["modules"].append(x["module"])
+  return list(groups.values())
+
+
+def _dims(shape: list[int]) -> str:
+  return "x".join(map(str, shape))
 
 
 def refine_lines(refine: dict[str, Any]) -> list[str]:

@@ -92,14 +92,16 @@ def truncated_svd_layers(w_loi: np.ndarray | jax.Array, keys: jax.Array, *, mesh
 
 
 def truncated_svd_stacks(stacks: Sequence[np.ndarray], layer_ids: Sequence[np.ndarray], *, seed: int,
-                         module_id: int, mesh: Mesh | None, rank: int, method: str,
+                         module_id: int, mesh: Mesh | None, rank: int, method: str | tuple[str, ...],
                          n_oversamples: int = kernels.DEFAULT_OVERSAMPLES,
                          n_power_iter: int = kernels.DEFAULT_POWER_ITER) -> tuple[kernels.Subspace, ...]:
   """Subspaces of several (L, big, small) stacks (one per model) in one program, each sharded
   over ``mesh``'s layer axis when given; the PRNG keys are made inside from the layer ids (L,).
 
-  Every ``L`` must be a multiple of the mesh size (pad with :func:`round_up`).
+  Every ``L`` must be a multiple of the mesh size (pad with :func:`round_up`). ``method``:
+  one name, or one per stack (as :func:`kernels.batched_truncated_svds` takes it).
   """
+  method = method if isinstance(method, str) else tuple(method)  # a static jit argument: hashable
   options = dict(rank=rank, method=method, n_oversamples=n_oversamples, n_power_iter=n_power_iter)
   seed, module_id = np.uint32(seed), np.uint32(module_id)
   stacks, layer_ids = tuple(stacks), tuple(np.asarray(ids, np.uint32) for ids in layer_ids)
@@ -115,8 +117,8 @@ def truncated_svd_stacks(stacks: Sequence[np.ndarray], layer_ids: Sequence[np.nd
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "rank", "method", "n_oversamples", "n_power_iter"))
-def _sharded_svds(stacks, layer_ids, seed, module_id, *, mesh: Mesh, rank: int, method: str, n_oversamples: int,
-                  n_power_iter: int) -> tuple[kernels.Subspace, ...]:
+def _sharded_svds(stacks, layer_ids, seed, module_id, *, mesh: Mesh, rank: int, method: str | tuple[str, ...],
+                  n_oversamples: int, n_power_iter: int) -> tuple[kernels.Subspace, ...]:
   local = functools.partial(kernels.batched_truncated_svds, rank=rank, method=method, n_oversamples=n_oversamples,
                             n_power_iter=n_power_iter)
   stacked = tuple(PartitionSpec(AXIS) for _ in stacks)

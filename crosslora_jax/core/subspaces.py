@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from crosslora_jax.core import kernels, sharding
+from crosslora_jax.core import kernels, sharding, svd_solvers
 from crosslora_jax.core.cache import EntryKey, SubspaceCache, model_id
 from crosslora_jax.formats.architectures import CANONICAL_MODULES
 from crosslora_jax.formats.checkpoint import BaseWeights
@@ -157,10 +157,17 @@ class Subspaces:
     for key in [k for k in self._memo if k[0] == module and k[1] not in keep]:
       del self._memo[key]
 
+  def svd_method(self, module: str, rank: int) -> str:
+    """The solver this model's ``module`` weights go through: ``--svd``, with auto resolved for their shape."""
+    cfg = self.config
+    return svd_solvers.resolve_method(cfg.svd, self.base.arch.shape(module), rank, n_oversamples=cfg.n_oversamples,
+                               n_power_iter=cfg.n_power_iter)
+
   def entry_key(self, module: str, layer: int, rank: int) -> EntryKey:
+    """The cache key under the method actually used: auto's gram entries are gram's entries."""
     return EntryKey.make(self._model_id, module, layer, self.base.arch.shape(module), rank=rank,
-                         method=self.config.svd, seed=self.config.seed, n_oversamples=self.config.n_oversamples,
-                         n_power_iter=self.config.n_power_iter)
+                         method=self.svd_method(module, rank), seed=self.config.seed,
+                         n_oversamples=self.config.n_oversamples, n_power_iter=self.config.n_power_iter)
 
 
 def get_together(requests: Sequence[tuple[Subspaces, Sequence[int]]], module: str, rank: int, *,
@@ -182,8 +189,9 @@ def get_together(requests: Sequence[tuple[Subspaces, Sequence[int]]], module: st
     parts = [(subs, t[start:start + size]) for (subs, _), t in zip(requests, todo) if t[start:start + size]]
     stacks, layer_ids, wides = zip(*[subs.batch_stack(module, layers, size) for subs, layers in parts])
     t_svd = time.perf_counter()
+    stack_methods = tuple(subs.svd_method(module, rank) for subs, _ in parts)  # one program, a method per model
     batches = sharding.truncated_svd_stacks(stacks, layer_ids, seed=cfg.seed, module_id=module_index(module),
-                                            mesh=first.mesh, rank=rank, method=cfg.svd,
+                                            mesh=first.mesh, rank=rank, method=stack_methods,
                                             n_oversamples=cfg.n_oversamples, n_power_iter=cfg.n_power_iter)
     del stacks  # the weights (size, big, small) are not needed past the kernel
     batches = jax.tree.map(np.asarray, batches)

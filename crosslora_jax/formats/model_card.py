@@ -158,7 +158,7 @@ def _options(config: Mapping[str, Any], output_dtype: str | None) -> str:
     if key in ("rank",) and config.get("method") not in ("cross_lora", "lora_x"):
       continue
     parts.append(f"{key} {value}")
-  if config.get("svd") == "randomized":
+  if config.get("svd") in ("randomized", "auto"):  # auto's randomized weights use these too
     parts.append(f"n_oversamples {config.get('n_oversamples')}, n_power_iter {config.get('n_power_iter')}")
   anchor = config.get("anchor")
   if config.get("method") == "anchored" and isinstance(anchor, Mapping):
