@@ -61,6 +61,8 @@ ARMS: dict[str, dict[str, Any]] = {  # name -> RefineConfig overrides (+ "init":
     "all": {"loss": "nll", "selection": "all"},
     "weighted": {"loss": "nll", "selection": "weighted"},
     "topk30-anchor": {"loss": "nll", "selection": "topk", "fraction": 0.3, "anchor": 1.0},
+    "null-topk30-anchor": {"loss": "nll", "selection": "topk", "fraction": 0.3, "anchor": 1.0, "null": True, "guard": False},
+    "random-topk30-anchor": {"loss": "nll", "selection": "topk", "fraction": 0.3, "anchor": 1.0, "random": True},
     "topk30-noguard": {"loss": "nll", "selection": "topk", "fraction": 0.3, "guard": False},
     "null": {"loss": "nll", "selection": "topk", "fraction": 0.3, "null": True},
     "projection+topk30": {"loss": "nll", "selection": "topk", "fraction": 0.3, "init": "projection"},
@@ -71,6 +73,10 @@ ARMS: dict[str, dict[str, Any]] = {  # name -> RefineConfig overrides (+ "init":
     "null-own-reward": {"writer": "target", "loss": "reward", "null": True},
     "projection+own-reward": {"writer": "target", "loss": "reward", "init": "projection"},
 }
+
+# Arms are overrides of RefineConfig's defaults; the anchor default (1.0) is only the anchor arms'.
+for _overrides in ARMS.values():
+  _overrides.setdefault("anchor", 0.0)
 
 
 def log(message: str) -> None:
@@ -282,27 +288,33 @@ def step_table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) 
 
 
 def method_table(rows: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) -> str:
-  """Per pair, the data-free projections of results/quality.json next to the refine arms: method against method.
+  """Method against method: one row per method, one column per pair; the data-free projections of
+  results/quality.json above the refine arms.
 
   Only refine arms at the default seed and budget; the projection rows are bench_quality's
   (torch NLL, same held-out blocks; exact SVD, rank 320), their recovery against the same bound.
   """
   quality = json.loads((REPO / "results" / "quality.json").read_text())["rows"]
   projections = ("cross_lora", "random", "anchored")
-  arms = ("delta", "projection+delta", "random-delta", "null-delta")
-  lines = ["| pair | " + " | ".join(f"{m} (projection)" for m in projections) + " | " + " | ".join(f"refine {a}" for a in arms) + " |",
-           "|---" * (1 + len(projections) + len(arms)) + "|"]
+  arms = [a for a in ARMS if any(r["arm"] == a and r["label"] == a for r in rows)]
+  pairs = sorted(bases, key=lambda k: (k.split(":")[0] != "smollm2", k))
   cell = lambda d, se, rec: f"{d:+.3f} ± {se:.3f} ({100 * rec:.0f}%)" if rec is not None else f"{d:+.3f} ± {se:.3f}"  # noqa: E731
-  for pair in sorted(bases, key=lambda k: (k.split(":")[0] != "smollm2", k)):
+  columns = {}
+  for pair in pairs:
     source, target = pair.split("/")[0].split(":")
     found = {} if "/" in pair else {r["method"]: r for r in quality
              if (r["source"], r["target"], r["blocks"]) == (source, target, bases[pair]["blocks"]) and str(r["rank"]) in ("320", "-")}
     mine = {r["arm"]: r for r in rows if r["pair"] == pair and r["label"] == r["arm"]}
     gain = bases[pair]["base_nll"] - bases[pair]["trained_nll"]  # the same best bound as the refine arms
-    cells = [cell(found[m]["delta"], found[m]["delta_se"], -found[m]["delta"] / gain if gain > 0 else None)
-             if m in found else "—" for m in projections]
-    cells += [cell(mine[a]["delta"], mine[a]["delta_se"], mine[a]["recovery"]) if a in mine else "—" for a in arms]
-    lines.append(f"| {source} → {target}{' (' + pair.split('/')[1] + ')' if '/' in pair else ''} | " + " | ".join(cells) + " |")
+    column = {f"{m} (projection)": cell(found[m]["delta"], found[m]["delta_se"], -found[m]["delta"] / gain if gain > 0 else None)
+              for m in projections if m in found}
+    column.update({f"refine {a}": cell(mine[a]["delta"], mine[a]["delta_se"], mine[a]["recovery"]) for a in arms if a in mine})
+    columns[pair] = column
+  names = [f"{m} (projection)" for m in projections] + [f"refine {a}" for a in arms]
+  header = [f"{p.split('/')[0].replace(':', ' → ')}{' (' + p.split('/')[1] + ')' if '/' in p else ''}" for p in pairs]
+  lines = ["| method | " + " | ".join(header) + " |", "|---" * (1 + len(pairs)) + "|"]
+  for name in names:
+    lines.append(f"| {name} | " + " | ".join(columns[p].get(name, "—") for p in pairs) + " |")
   return "\n".join(lines)
 
 

@@ -19,7 +19,8 @@ def models(tmp_path_factory):
 
 
 def _config(root, **overrides):
-  base = dict(tokens=24 * 16, sample_tokens=16, steps=8, batch=4, lr=2e-2, eval_every=4, loss="nll",
+  # Unanchored token learning: the recipe whose harm the guard must catch (the default anchors it).
+  base = dict(tokens=24 * 16, sample_tokens=16, steps=8, batch=4, lr=2e-2, eval_every=4, loss="nll", anchor=0.0,
               check="delta_error", cache_dir=str(root / "corpus-cache"))
   return RefineConfig(**{**base, **overrides})
 

@@ -57,9 +57,10 @@ flags.DEFINE_enum("refine_select", _DEFAULTS.selection, list(SELECTIONS), "--ref
                   "the student learns, by the adapter's score log p(source + adapter) - log p(source): topk (the "
                   "--refine_fraction highest), weighted (weight ~ max(score, 0)) or all.")
 flags.DEFINE_float("refine_fraction", _DEFAULTS.fraction, "--refine_select topk: share of tokens learned, in (0, 1].")
-flags.DEFINE_enum("refine_loss", _DEFAULTS.loss, list(LOSSES), "--refine distill: delta (match the student's "
-                  "log-prob change against its base to the teacher's score, on every token), nll (learn the "
-                  "--refine_select tokens of the text) or reward (with --refine_writer target: raise the student's "
+flags.DEFINE_enum("refine_loss", _DEFAULTS.loss, list(LOSSES), "--refine distill: nll (learn the "
+                  "--refine_select tokens of the text, the others anchored to the target base by --refine_anchor), "
+                  "delta (match the student's log-prob change against its base to the teacher's score, on every "
+                  "token) or reward (with --refine_writer target: raise the student's "
                   "own tokens by their score, PPO-clipped at ratio 1 +- --refine_clip).")
 flags.DEFINE_enum("refine_writer", _DEFAULTS.writer, list(WRITERS), "--refine distill: who writes the text: source "
                   "(source base + adapter) or target (the target base writes, source +- adapter score it).")
