@@ -35,6 +35,15 @@ def make_model_folder(folder: pathlib.Path, kind: str, tokenizer_vocab: int, see
                     max_position_embeddings=256)
 
 
+def make_refine_models(root: pathlib.Path) -> pathlib.Path:
+  """``root`` with ``source`` (tiny llama), its ``adapter`` and ``target`` (tiny qwen2): two different tokenizers."""
+  from fixtures import make_adapter
+  source = make_model_folder(root / "source", "llama", 120, seed=0)
+  make_adapter(source, root / "adapter", kind="llama", scale=2.0)
+  make_model_folder(root / "target", "qwen2", 90, seed=1)
+  return root
+
+
 # Runs the transfer CLI (argv[3:]) with a signal sent to itself at a chosen point of --refine distill:
 # argv[1] the signal's name, argv[2] "sampling" (the teacher's 3rd decode step) or "training" (the
 # student's 2nd held-back check, after step eval_every). The handlers are the CLI's own, as for a real kill.

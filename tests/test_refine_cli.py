@@ -17,13 +17,8 @@ BUDGET = ("--refine_tokens", "96", "--refine_sample_tokens", "16", "--refine_ste
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-  from fixtures import make_adapter
-  from refine_fixtures import make_model_folder
-  root = tmp_path_factory.mktemp("refine_cli")
-  source = make_model_folder(root / "source", "llama", 120, seed=0)
-  make_adapter(source, root / "adapter", kind="llama", scale=2.0)
-  make_model_folder(root / "target", "qwen2", 90, seed=1)
-  return root
+  from refine_fixtures import make_refine_models
+  return make_refine_models(tmp_path_factory.mktemp("refine_cli"))
 
 
 def run_cli(models, tmp_path, *args):
