@@ -46,19 +46,25 @@ def token_logprobs(lm_obj: Any, lora: Any, spec: Any, ids: Any, real: Any) -> An
   return _jitted_logprobs()(lm_obj.params, lora, spec, lm_obj.config, ids, real)
 
 
+def fixed_batches(arrays: Sequence[np.ndarray], batch: int):
+  """Yields (start, rows, chunks): ``batch`` rows of each array from ``start``, the last chunk padded
+  with copies of its last row to the same shape (one compilation), ``rows`` of them real."""
+  for start in range(0, arrays[0].shape[0], batch):
+    chunks = [a[start:start + batch] for a in arrays]
+    rows = len(chunks[0])
+    if rows < batch:
+      chunks = [np.concatenate([c, np.repeat(c[-1:], batch - rows, 0)]) for c in chunks]
+    yield start, rows, chunks
+
+
 def batched_logprobs(lm_obj: Any, lora: Any, spec: Any, ids: np.ndarray, real: np.ndarray, *, batch: int,
                      progress: bool = False, what: str = "log-probs") -> np.ndarray:
   """(N, T-1) float32 next-token log-probs of padded ``ids`` (N, T), ``batch`` rows at a time."""
   bar = ProgressBar() if progress else None
   out = np.zeros((ids.shape[0], ids.shape[1] - 1), np.float32)
-  for start in range(0, ids.shape[0], batch):
-    chunk_ids, chunk_real = ids[start:start + batch], real[start:start + batch]
-    fill = batch - len(chunk_ids)
-    if fill:  # the last batch padded to the same shape: no second compilation
-      chunk_ids = np.concatenate([chunk_ids, np.repeat(chunk_ids[-1:], fill, 0)])
-      chunk_real = np.concatenate([chunk_real, np.repeat(chunk_real[-1:], fill, 0)])
+  for start, rows, (chunk_ids, chunk_real) in fixed_batches([ids, real], batch):
     lp = np.asarray(token_logprobs(lm_obj, lora, spec, chunk_ids, chunk_real))
-    out[start:start + batch] = lp[:batch - fill]
+    out[start:start + rows] = lp[:rows]
     if bar:
       bar(what, min(start + batch, ids.shape[0]), ids.shape[0])
   return out

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from crosslora_jax.refine.runtime import pad_rows
+from crosslora_jax.refine.runtime import fixed_batches, pad_rows
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,15 +49,10 @@ def teacher_candidates(teacher: Any, rows: Sequence[Sequence[int]], k: int, *, b
   ids, real = pad_rows(rows, 0)
   fn = _jitted_candidates()
   cand_rows, delta_rows = [], []
-  for start in range(0, len(rows), batch):
-    chunk_ids, chunk_real = ids[start:start + batch], real[start:start + batch]
-    fill = batch - len(chunk_ids)
-    if fill:  # one compiled shape for every batch
-      chunk_ids = np.concatenate([chunk_ids, np.repeat(chunk_ids[-1:], fill, 0)])
-      chunk_real = np.concatenate([chunk_real, np.repeat(chunk_real[-1:], fill, 0)])
+  for start, real_rows, (chunk_ids, chunk_real) in fixed_batches([ids, real], batch):
     cand, delta = fn(teacher.params, teacher.lora, teacher.spec, teacher.config, chunk_ids, chunk_real, k)
     cand, delta = np.asarray(cand), np.asarray(delta, np.float32)
-    for i in range(len(chunk_ids) - fill):
+    for i in range(real_rows):
       n = len(rows[start + i])
       cand_rows.append(np.concatenate([np.zeros((1, k), np.int32), cand[i, :n - 1]]).tolist())
       delta_rows.append(np.round(np.concatenate([np.zeros((1, k), np.float32), delta[i, :n - 1]]), 5).tolist())
@@ -118,12 +113,6 @@ def candidate_logprobs(lm_obj: Any, ids: np.ndarray, real: np.ndarray, cand: np.
   """(N, T-1, k) the base model's log-probs of the candidates ``cand`` (N, T-1, k) of padded ``ids`` (N, T)."""
   fn = _jitted_candidate_logprobs()
   out = np.zeros(cand.shape, np.float32)
-  for start in range(0, ids.shape[0], batch):
-    part = slice(start, start + batch)
-    chunk = [ids[part], real[part], cand[part]]
-    fill = batch - len(chunk[0])
-    if fill:
-      chunk = [np.concatenate([a, np.repeat(a[-1:], fill, 0)]) for a in chunk]
-    lp = np.asarray(fn(lm_obj.params, None, None, lm_obj.config, *chunk))
-    out[part] = lp[:batch - fill]
+  for start, rows, chunk in fixed_batches([ids, real, cand], batch):
+    out[start:start + rows] = np.asarray(fn(lm_obj.params, None, None, lm_obj.config, *chunk))[:rows]
   return out
