@@ -65,6 +65,7 @@ ARMS: dict[str, dict[str, Any]] = {  # name -> RefineConfig overrides (+ "init":
     "random-topk30-anchor": {"loss": "nll", "selection": "topk", "fraction": 0.3, "anchor": 1.0, "random": True},
     "topk50-anchor": {"loss": "nll", "selection": "topk", "fraction": 0.5, "anchor": 1.0},
     "null-topk50-anchor": {"loss": "nll", "selection": "topk", "fraction": 0.5, "anchor": 1.0, "null": True, "guard": False},
+    "random-topk50-anchor": {"loss": "nll", "selection": "topk", "fraction": 0.5, "anchor": 1.0, "random": True},
     "topk30-noguard": {"loss": "nll", "selection": "topk", "fraction": 0.3, "guard": False},
     "null": {"loss": "nll", "selection": "topk", "fraction": 0.3, "null": True},
     "projection+topk30": {"loss": "nll", "selection": "topk", "fraction": 0.3, "init": "projection"},
