@@ -47,6 +47,7 @@ import numpy as np  # noqa: E402
 
 from crosslora_bench import textdata, zoo  # noqa: E402
 from bench_quality import EXAMPLE_ADAPTER, MODELS, RECIPE  # noqa: E402
+import refine_store  # noqa: E402
 
 ARMS: dict[str, dict[str, Any]] = {  # name -> RefineConfig overrides (+ "init": zero|projection, "null"/"random": bool)
     "delta": {"loss": "delta"},
@@ -251,18 +252,22 @@ def table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) -> tu
     base = bases.get(rec["pair"])
     if base is None:
       continue
-    arm, ref = np.asarray(rec["nll_blocks"]), np.asarray(base["nll_blocks"])
-    delta, delta_se = float(arm.mean() - ref.mean()), textdata.paired_se(arm, ref)
+    if "nll_blocks" in rec:
+      arm, ref = np.asarray(rec["nll_blocks"]), np.asarray(base["nll_blocks"])
+      delta, delta_se = float(arm.mean() - ref.mean()), textdata.paired_se(arm, ref)
+    else:  # a legacy row (refine_store): its Δ as measured, against the same base
+      delta, delta_se = rec["legacy"]["delta"], rec["legacy"]["delta_se"]
+    nll = base["base_nll"] + delta
     gain = base["base_nll"] - base["trained_nll"]
     # A bound no better than the base (gain <= 0) defines no recovery.
     recovery, recovery_se = (-delta / gain, delta_se / gain) if gain > 0 else (None, None)
     tokens = rec["report"]["tokens"]
     rows.append({**{k: rec[k] for k in ("pair", "arm", "refined", "refine_seconds", "eval_seconds", "peak_rss_gb")},
-                 "label": arm_label(rec),
-                 "nll": float(arm.mean()), "delta": delta, "delta_se": delta_se, "recovery": recovery,
+                 "label": arm_label(rec), "record": rec.get("record"),
+                 "nll": nll, "delta": delta, "delta_se": delta_se, "recovery": recovery,
                  "recovery_se": recovery_se, "best_step": rec["report"]["best_step"], "tokens": tokens,
                  "heldout": rec["report"]["heldout"], "losses": rec["report"]["losses"], "config": rec["report"]["config"]})
-    lines.append(f"| {rec['pair']} | {arm_label(rec)} | {arm.mean():.3f} | {delta:+.3f} (± {delta_se:.3f}) | "
+    lines.append(f"| {rec['pair']} | {arm_label(rec)} | {nll:.3f} | {delta:+.3f} (± {delta_se:.3f}) | "
                  f"{'—' if recovery is None else f'{100 * recovery:.0f}% (± {100 * recovery_se:.0f}%)'} | {rec['report']['shipped']} | {rec['report']['best_step']} | "
                  f"{tokens['selected_tokens']}/{tokens['learnable_tokens']} | {rec['refine_seconds']:.0f} | {rec['eval_seconds']:.0f} |")
   return rows, "\n".join(lines)
@@ -274,7 +279,7 @@ def step_table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) 
            "|---|---|---|---|---|---|---|---|---|"]
   for rec in records:
     base = bases.get(rec["pair"])
-    if base is None:
+    if base is None or "nll_blocks" not in rec:
       continue
     ref = np.asarray(base["nll_blocks"])
     gain = base["base_nll"] - base["trained_nll"]
@@ -336,7 +341,8 @@ def goal_table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]], 
   lines = ["| pair | recovery | Δ NLL vs its null control (± s.e., z) | Δ NLL vs its random control (± s.e., z) | not worse than base | goal met |",
            "|---|---|---|---|---|---|"]
   for pair, base in bases.items():
-    found = {r["arm"]: np.asarray(r["nll_blocks"]) for r in records if r["pair"] == pair and arm_label(r) == r["arm"]}
+    found = {r["arm"]: np.asarray(r["nll_blocks"]) for r in records
+             if r["pair"] == pair and arm_label(r) == r["arm"] and "nll_blocks" in r}
     if goal_arm not in found:
       continue
     arm, ref = found[goal_arm], np.asarray(base["nll_blocks"])
@@ -360,28 +366,55 @@ def goal_table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]], 
   return "\n".join(lines)
 
 
+def load_results(cache_dir: pathlib.Path, committed: dict[str, Any]) -> dict[str, Any]:
+  """Records, bases, bounds and sources from the cache, with the committed legacy rows (refine_store) after them."""
+  docs = refine_store.cache_docs(cache_dir)
+  records = [{**doc, "record": name} for name, doc in docs["records"].items()]
+  bases = {doc["pair"]: doc for doc in docs["bases"].values()}
+  bound_lines = best_bounds(list(docs["bounds"].values()), bases)
+  records += refine_store.legacy_records(committed, records)
+  bases.update(refine_store.legacy_bases(committed, bases))
+  sources = list(docs["sources"].values())
+  return {"docs": docs, "records": records, "bases": bases, "bound_lines": bound_lines, "sources": sources,
+          "legacy": refine_store.legacy_lines(committed, bases, records, sources, arm_label, default_arm())}
+
+
+def target_lines(res: dict[str, Any]) -> list[str]:
+  """The report's lines on each target's base and bounds, and on each source adapter's own gain."""
+  legacy = res["legacy"]
+  lines = [f"- {k}: base {v['base_nll']:.3f} (JAX" + (f"; results/quality.md: {v['base_nll_reference']:.3f}" if v.get("base_nll_reference") else "")
+           + f"), trained {v['trained_nll_recipe']:.3f} ({v.get('trained_by', 'torch (results/quality.json)')}, "
+           f"bench_quality's recipe {RECIPE}), {v['blocks']} blocks" for k, v in res["bases"].items() if not v.get("legacy")]
+  lines += legacy["bases"] + res["bound_lines"] + legacy["bounds"]
+  return lines + ["", "Source adapters (their own gain on the source base, same held-out blocks, JAX):",
+                  *[f"- {v['source']} ({v['domain']}): base {v['base_nll']:.3f}, with the adapter {v['adapter_nll']:.3f}, "
+                    f"gain {v['gain']:.3f} ± {v['gain_se']:.3f} (`{pathlib.Path(v['adapter']).name}`)" for v in res["sources"]],
+                  *legacy["sources"]]
+
+
+def when_measured(records: list[dict[str, Any]]) -> str:
+  days = sorted({r["finished"][:10] for r in records if r.get("finished")})
+  text = f"Arms ran {days[0]} to {days[-1]}" if days else "No arm ran since the report kept per-block NLLs"
+  return text + ("; rows without per-block NLLs are carried from reports written before 2026-12-02 (refine_store)."
+                 if any("legacy" in r for r in records) else ".")
+
+
 def write_results(cache_dir: pathlib.Path, out: pathlib.Path, note: str) -> None:
-  records = [json.loads(f.read_text()) for f in sorted((cache_dir / "records").glob("*.json"))]
-  bases = {json.loads(f.read_text())["pair"]: json.loads(f.read_text()) for f in sorted((cache_dir / "bases").glob("*.json"))}
-  bound_lines = best_bounds(cache_dir, bases)
+  res = load_results(cache_dir, refine_store.read_committed(out))
+  records, bases, legacy = res["records"], res["bases"], res["legacy"]
   goal_arm = default_arm()
   rows, text = table(records, bases)
   meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": platform.machine(),
-          "cpus": os.cpu_count(), "note": note,
-          "bases": {k: {kk: v[kk] for kk in ("base_nll", "trained_nll", "trained_nll_recipe", "base_nll_reference", "blocks")}
+          "cpus": os.cpu_count(), "note": note, "legacy": legacy,
+          "bases": {k: {kk: v.get(kk) for kk in ("base_nll", "trained_nll", "trained_nll_recipe", "base_nll_reference", "blocks", "trained_by")}
                     for k, v in bases.items()}}
   out.mkdir(parents=True, exist_ok=True)
-  (out / "refine.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-  base_lines = [f"- {k}: base {v['base_nll']:.3f} (JAX" + (f"; results/quality.md: {v['base_nll_reference']:.3f}" if v.get("base_nll_reference") else "")
-                + f"), trained {v['trained_nll_recipe']:.3f} ({v.get('trained_by', 'torch (results/quality.json)')}, "
-                f"bench_quality's recipe {RECIPE}), {v['blocks']} blocks" for k, v in bases.items()] + bound_lines
-  sources = [json.loads(f.read_text()) for f in sorted((cache_dir / "sources").glob("*.json"))]
-  base_lines += ["", "Source adapters (their own gain on the source base, same held-out blocks, JAX):",
-                 *[f"- {v['source']} ({v['domain']}): base {v['base_nll']:.3f}, with the adapter {v['adapter_nll']:.3f}, "
-                   f"gain {v['gain']:.3f} ± {v['gain_se']:.3f} (`{pathlib.Path(v['adapter']).name}`)" for v in sources]]
-  commands = sorted({r["command"] for r in records})
+  commands = sorted({r["command"] for r in records if r.get("command")} | set(legacy["commands"]))
+  carried = (" Rows marked (2026-12-01) are carried from that report: their per-block NLLs were not kept, so they stay "
+             "until the arm and both controls are measured again on the pair.") if legacy["goal"] else ""
   md = ["# Refine by distillation from the source model", "", f"Measured {meta['date']} on {meta['machine']}, "
-        f"{meta['cpus']} CPU cores (shared with other jobs), JAX CPU. Arms ran 2026-12-01 (the topk30 and null rows in the session before).", "", note, "", "Targets:", *base_lines, "",
+        f"{meta['cpus']} CPU cores (shared with other jobs), JAX CPU. {when_measured(records)}", "", note, "", "Targets:",
+        *target_lines(res), "",
         "Recovery = (base − arm) / (base − trained), *trained* = the best bound measured for that target; s.e. is the paired standard error over blocks (the trained NLL's own "
         "uncertainty is not in it). Tokens kept = selected / learnable student tokens of the training samples.", "",
         "## Method against method", "",
@@ -390,13 +423,14 @@ def write_results(cache_dir: pathlib.Path, out: pathlib.Path, note: str) -> None
         method_table(rows, bases), "", "## The goal, for the default recipe", "",
         f"`{goal_arm}` (RefineConfig's default) at seed 0 and the default budget; the issue's goal: recovery ≥ 50%, "
         "better than its null and its random control by more than 2 paired s.e. (z = the arm's advantage over the "
-        "control / its paired s.e.), and no target worse than its base.", "",
-        goal_table(records, bases, goal_arm), "", "## Every arm", "", text, "",
+        f"control / its paired s.e.), and no target worse than its base.{carried}", "",
+        goal_table(records, bases, goal_arm), *legacy["goal"], "", "## Every arm", "", text, "",
         "Every checked step (step 0 = the initial adapter; for a zero init, the base), with the held-back checks "
         "on teacher text the student never trained on (agreement: correlation of the student's log-prob change "
         "with the teacher's carried score; delta_error: their mean squared difference; nll_selected: the "
-        "student's NLL on the selected tokens):", "", step_table(records, bases), "",
+        "student's NLL on the selected tokens):", "", step_table(records, bases), *legacy["steps"], "",
         "Commands:", *[f"- `{c}`" for c in commands], ""]
+  (out / "refine.json").write_text(json.dumps({"meta": meta, "rows": rows, "cache": refine_store.snapshot(res["docs"])}, indent=1))
   (out / "refine.md").write_text("\n".join(md))
 
 
@@ -421,6 +455,9 @@ def main(argv=None) -> int:
   cache_dir = pathlib.Path(args.cache_dir)
   for sub in ("records", "bases", "corpus", "lora", "sources", "bounds"):
     (cache_dir / sub).mkdir(parents=True, exist_ok=True)
+  restored = refine_store.restore(cache_dir, refine_store.read_committed(pathlib.Path(args.out)))
+  if restored:
+    log(f"restored {restored} cached documents from {args.out}/refine.json")
   if not args.report_only:
     run(args, cache_dir)
   write_results(cache_dir, pathlib.Path(args.out), args.note)
@@ -476,11 +513,13 @@ def measure_bound(args, state: dict[str, Any], cache_dir: pathlib.Path, lr: floa
   log(f"bound {args.target} ({args.domain}) at lr {lr:g}: NLL {nll.mean():.4f}")
 
 
-def best_bounds(cache_dir: pathlib.Path, bases: dict[str, dict[str, Any]]) -> list[str]:
-  """Every base's trained_nll becomes the best bound measured for its target, domain and blocks; returns their lines."""
-  bounds = [json.loads(f.read_text()) for f in sorted((cache_dir / "bounds").glob("*.json"))]
+def best_bounds(bounds: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) -> list[str]:
+  """Every base's trained_nll becomes the best bound measured for its target, domain and blocks; returns their lines.
+  A legacy base (refine_store) already carries its best bound, and its lines travel in meta.legacy."""
   lines = []
   for pair, base in bases.items():
+    if base.get("legacy"):
+      continue
     target, domain = pair.split("/")[0].split(":")[1], base.get("domain", "pydoc")
     found = [b for b in bounds if (b["target"], b["domain"], b["blocks"]) == (target, domain, base["blocks"])]
     for b in found:
