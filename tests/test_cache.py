@@ -216,6 +216,27 @@ def test_store_load_round_trip_and_key_check(tmp_path):
   assert store.load(key) is None and store.rejected == 2
 
 
+def test_entries_written_with_a_sha256_still_load(tmp_path):
+  """Entries from before the CRC-32 (their metadata has a sha256) load and are checked with it."""
+  from safetensors.numpy import save as st_save
+  store = cache.SubspaceCache(tmp_path)
+  rng = np.random.default_rng(0)
+  sub = kernels.Subspace(rng.standard_normal((6, 2), dtype=np.float32), np.array([2.0, 1.0], np.float32),
+                         rng.standard_normal((5, 2), dtype=np.float32), np.array(0.9, np.float32))
+  key = cache.EntryKey.make("m", "q_proj", 0, (6, 5), rank=2, method="exact", seed=0, n_oversamples=0, n_power_iter=0)
+  tensors = {"u": sub.u, "s": sub.s, "v": sub.v, "energy": sub.energy.reshape(1)}
+  key_json = key.to_json()
+  store.path(key).parent.mkdir(parents=True)
+  legacy = {"key": key_json, "sha256": cache._checksum(key_json, tensors, "sha256")}
+  store.path(key).write_bytes(st_save(tensors, metadata=legacy))
+  np.testing.assert_array_equal(store.load(key).u, sub.u)
+  tensors["s"] = np.array([2.0, 1.5], np.float32)  # changed bytes under the old checksum
+  store.path(key).write_bytes(st_save(tensors, metadata=legacy))
+  assert store.load(key) is None and store.rejected == 1
+  store.path(key).write_bytes(st_save(tensors, metadata={"key": key_json}))  # no checksum at all
+  assert store.load(key) is None and store.rejected == 2
+
+
 def test_default_cache_dir_follows_environment(monkeypatch, tmp_path):
   monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "root"))
   assert cache.default_cache_dir() == tmp_path / "root" / "subspaces"
