@@ -7,7 +7,7 @@ import numpy as np
 
 from crosslora_jax import DictWeights, TransferConfig
 from crosslora_bench.adapters import random_adapter
-from crosslora_jax.core import compiles, engine
+from crosslora_jax.core import compiles, engine, kernels
 from crosslora_jax.formats.architectures import Architecture
 
 # Odd sizes no other test uses, so that no program is already in this process's jit caches.
@@ -159,3 +159,14 @@ def test_projection_program_gives_the_report_overlaps():
     assert overlap.shape == (2,) and np.all(np.abs(overlap) <= 1 + 1e-5)
     np.testing.assert_array_equal(overlap, kernels.pair_overlaps(subs[0], subs[1]))
     np.testing.assert_array_equal(proj.a_ri, kernels.project_cross_lora_adapters(subs[0], subs[1], a, b).a_ri)
+
+
+def test_take_rows_copies_only_when_the_order_changes():
+  from crosslora_jax.core import chunking
+  rng = np.random.default_rng(0)
+  sub = kernels.Subspace(rng.standard_normal((3, 4, 2)), rng.standard_normal((3, 2)), rng.standard_normal((3, 5, 2)),
+                         rng.standard_normal(3))
+  assert chunking.take_rows(sub, [0, 1, 2]) is sub
+  picked = chunking.take_rows(sub, [2, 0, 0])
+  for got, full in zip(picked, sub):
+    np.testing.assert_array_equal(got, full[[2, 0, 0]])
