@@ -83,6 +83,10 @@ for _overrides in ARMS.values():
   _overrides.setdefault("anchor", 0.0)
 
 
+# The recipe measured against the default in the report (a next default if it keeps winning).
+CANDIDATE = "topk50-anchor"
+
+
 def log(message: str) -> None:
   print(f"[{datetime.datetime.now(datetime.timezone.utc):%H:%M:%S}] {message}", file=sys.stderr, flush=True)
 
@@ -366,6 +370,29 @@ def goal_table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]], 
   return "\n".join(lines)
 
 
+def versus_table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]], goal_arm: str, challenger: str) -> str:
+  """``challenger`` against ``goal_arm`` wherever both ran with the same seed and budget: the paired
+  Δ NLL per run, and how often it was better, equal (|z| < 2) or worse. The spread between seeds
+  of one pair is the yardstick the per-block s.e. does not give."""
+  def runs(name):
+    return {(r["pair"], arm_label(r)[len(name):]): r for r in records if r["arm"] == name and "nll_blocks" in r}
+  ours, theirs = runs(goal_arm), runs(challenger)
+  lines = [f"| pair | run | {goal_arm} recovery | {challenger} recovery | Δ NLL {challenger} − {goal_arm} (± s.e., z) |",
+           "|---|---|---|---|---|"]
+  tally = {"better": 0, "equal": 0, "worse": 0}
+  for key in sorted(set(ours) & set(theirs)):
+    base = bases[key[0]]
+    a, b = np.asarray(theirs[key]["nll_blocks"]), np.asarray(ours[key]["nll_blocks"])
+    diff, se = float(a.mean() - b.mean()), textdata.paired_se(a, b)
+    z = diff / se if se > 0 else 0.0
+    tally["equal" if abs(z) < 2 else ("better" if z < 0 else "worse")] += 1
+    gain = base["base_nll"] - base["trained_nll"]
+    rec = lambda x: f"{100 * (base['base_nll'] - x.mean()) / gain:.0f}%" if gain > 0 else "—"  # noqa: E731
+    lines.append(f"| {key[0]} | {key[1].strip(' ()') or 'seed 0'} | {rec(b)} | {rec(a)} | {diff:+.3f} (± {se:.3f}, z {z:.1f}) |")
+  return "\n".join(lines + ["", f"{challenger} was better in {tally['better']}, equal in {tally['equal']} and worse in "
+                                 f"{tally['worse']} of these runs (|z| ≥ 2 counts)."])
+
+
 def load_results(cache_dir: pathlib.Path, committed: dict[str, Any]) -> dict[str, Any]:
   """Records, bases, bounds and sources from the cache, with the committed legacy rows (refine_store) after them."""
   docs = refine_store.cache_docs(cache_dir)
@@ -424,7 +451,8 @@ def write_results(cache_dir: pathlib.Path, out: pathlib.Path, note: str) -> None
         f"`{goal_arm}` (RefineConfig's default) at seed 0 and the default budget; the issue's goal: recovery ≥ 50%, "
         "better than its null and its random control by more than 2 paired s.e. (z = the arm's advantage over the "
         f"control / its paired s.e.), and no target worse than its base.{carried}", "",
-        goal_table(records, bases, goal_arm), *legacy["goal"], "", "## Every arm", "", text, "",
+        goal_table(records, bases, goal_arm), *legacy["goal"], "", f"## The candidate: `{CANDIDATE}` against the default", "",
+        versus_table(records, bases, goal_arm, CANDIDATE), "", "## Every arm", "", text, "",
         "Every checked step (step 0 = the initial adapter; for a zero init, the base), with the held-back checks "
         "on teacher text the student never trained on (agreement: correlation of the student's log-prob change "
         "with the teacher's carried score; delta_error: their mean squared difference; nll_selected: the "
