@@ -349,13 +349,14 @@ def goal_table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]], 
              if r["pair"] == pair and arm_label(r) == r["arm"] and "nll_blocks" in r}
     if goal_arm not in found:
       continue
+    unpaired = {r["arm"] for r in records if r["pair"] == pair and arm_label(r) == r["arm"] and "nll_blocks" not in r}
     arm, ref = found[goal_arm], np.asarray(base["nll_blocks"])
     gain = base["base_nll"] - base["trained_nll"]
     recovery = float(ref.mean() - arm.mean()) / gain if gain > 0 else None
     checks, cells = [recovery is not None and recovery >= 0.5], []
     for control in (f"null-{goal_arm}", f"random-{goal_arm}"):
       if control not in found:
-        cells.append("not run")
+        cells.append("no per-block NLLs (the 2026-12-01 row)" if control in unpaired else "not run")
         checks.append(None)
         continue
       diff, se = float(arm.mean() - found[control].mean()), textdata.paired_se(arm, found[control])
@@ -421,7 +422,8 @@ def target_lines(res: dict[str, Any]) -> list[str]:
 
 def when_measured(records: list[dict[str, Any]]) -> str:
   days = sorted({r["finished"][:10] for r in records if r.get("finished")})
-  text = f"Arms ran {days[0]} to {days[-1]}" if days else "No arm ran since the report kept per-block NLLs"
+  text = (f"Arms ran {days[0]}" + (f" to {days[-1]}" if days[-1] != days[0] else "")) if days else \
+      "No arm ran since the report kept per-block NLLs"
   return text + ("; rows without per-block NLLs are carried from reports written before 2026-12-02 (refine_store)."
                  if any("legacy" in r for r in records) else ".")
 
