@@ -78,9 +78,14 @@ def enable_compilation_cache(folder: str | os.PathLike[str]) -> None:
   the projection with the report's overlaps (``core/compiles.py`` counts them). On one H200 compiling was 152 s of a 170 s cold run
   (cProfile: ``backend_compile_and_load``, 8-layer paper-scale run, BUILD_NOTES "Speed and memory"),
   on 2 CPU cores about 0.3–0.5 s each; with this cache later runs with the same shapes
-  load them instead. Call before the first computation; JAX ignores a cache it cannot write.
+  load them instead. Call before the first computation. A cache JAX cannot write (a full disk,
+  a file size limit) only costs the next run its compile time, so JAX's warning about it is
+  silenced: on a full disk the one line that matters is the error about the output.
   """
+  import warnings
+
   import jax
+  warnings.filterwarnings("ignore", message="Error writing persistent compilation cache entry", category=UserWarning)
   pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", str(folder))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
