@@ -394,7 +394,7 @@ def versus_table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]]
                                  f"{tally['worse']} of these runs (|z| ≥ 2 counts)."])
 
 
-def load_results(cache_dir: pathlib.Path, committed: dict[str, Any]) -> dict[str, Any]:
+def load_results(cache_dir: pathlib.Path, committed: dict[str, Any], goal_arm: str) -> dict[str, Any]:
   """Records, bases, bounds and sources from the cache, with the committed legacy rows (refine_store) after them."""
   docs = refine_store.cache_docs(cache_dir)
   records = [{**doc, "record": name} for name, doc in docs["records"].items()]
@@ -404,7 +404,7 @@ def load_results(cache_dir: pathlib.Path, committed: dict[str, Any]) -> dict[str
   bases.update(refine_store.legacy_bases(committed, bases))
   sources = list(docs["sources"].values())
   return {"docs": docs, "records": records, "bases": bases, "bound_lines": bound_lines, "sources": sources,
-          "legacy": refine_store.legacy_lines(committed, bases, records, sources, arm_label, default_arm())}
+          "legacy": refine_store.legacy_lines(committed, bases, records, sources, arm_label, goal_arm)}
 
 
 def target_lines(res: dict[str, Any]) -> list[str]:
@@ -429,9 +429,9 @@ def when_measured(records: list[dict[str, Any]]) -> str:
 
 
 def write_results(cache_dir: pathlib.Path, out: pathlib.Path, note: str) -> None:
-  res = load_results(cache_dir, refine_store.read_committed(out))
-  records, bases, legacy = res["records"], res["bases"], res["legacy"]
   goal_arm = default_arm()
+  res = load_results(cache_dir, refine_store.read_committed(out), goal_arm)
+  records, bases, legacy = res["records"], res["bases"], res["legacy"]
   rows, text = table(records, bases)
   meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": platform.machine(),
           "cpus": os.cpu_count(), "note": note, "legacy": legacy,
@@ -460,7 +460,7 @@ def write_results(cache_dir: pathlib.Path, out: pathlib.Path, note: str) -> None
         "with the teacher's carried score; delta_error: their mean squared difference; nll_selected: the "
         "student's NLL on the selected tokens):", "", step_table(records, bases), *legacy["steps"], "",
         "Commands:", *[f"- `{c}`" for c in commands], ""]
-  (out / "refine.json").write_text(json.dumps({"meta": meta, "rows": rows, "cache": refine_store.snapshot(res["docs"])}, indent=1))
+  (out / "refine.json").write_text(json.dumps({"meta": meta, "rows": rows, "cache": res["docs"]}, indent=1))
   (out / "refine.md").write_text("\n".join(md))
 
 

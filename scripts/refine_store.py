@@ -45,7 +45,7 @@ def restore(cache_dir: pathlib.Path, committed: dict[str, Any]) -> int:
 
 
 def cache_docs(cache_dir: pathlib.Path) -> dict[str, dict[str, Any]]:
-  """Every cached document by kind and file stem (what :func:`restore` reads back)."""
+  """Every cached document by kind and file stem: refine.json's ``cache`` section, which :func:`restore` reads back."""
   return {kind: {f.stem: json.loads(f.read_text()) for f in sorted((cache_dir / kind).glob("*.json"))} for kind in KINDS}
 
 
@@ -74,7 +74,7 @@ def legacy_bases(committed: dict[str, Any], bases: dict[str, dict[str, Any]]) ->
   """Committed bases of pairs the cache has no base for (no per-block NLLs; trained_nll already the best bound)."""
   return {pair: {**base, "legacy": True, "domain": pair.split("/")[1] if "/" in pair else "pydoc"}
           for pair, base in committed.get("meta", {}).get("bases", {}).items()
-          if pair not in bases and not base.get("nll_blocks")}
+          if pair not in bases}
 
 
 def legacy_lines(committed: dict[str, Any], bases: dict[str, dict[str, Any]], records: list[dict[str, Any]],
@@ -93,8 +93,3 @@ def legacy_lines(committed: dict[str, Any], bases: dict[str, dict[str, Any]], re
                                                                  (goal_arm, f"null-{goal_arm}", f"random-{goal_arm}")} <= measured_arms],
           "steps": [x for x in legacy.get("steps", []) if (cell(x, 1), cell(x, 2)) not in measured_arms],
           "commands": legacy.get("commands", [])}
-
-
-def snapshot(docs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-  """The ``cache`` section of refine.json: every document (the per-step NLLs too: the step table needs them)."""
-  return {kind: dict(docs[kind]) for kind in KINDS}
