@@ -21,6 +21,8 @@ import pathlib
 from typing import Any
 
 KINDS = ("records", "bases", "sources", "bounds")
+# The arm meta.legacy's goal rows are of: RefineConfig's default when they were written (2026-12-01).
+LEGACY_GOAL_ARM = "topk30-anchor"
 
 
 def read_committed(out: pathlib.Path) -> dict[str, Any]:
@@ -78,10 +80,10 @@ def legacy_bases(committed: dict[str, Any], bases: dict[str, dict[str, Any]]) ->
 
 
 def legacy_lines(committed: dict[str, Any], bases: dict[str, dict[str, Any]], records: list[dict[str, Any]],
-                 sources: list[dict[str, Any]], label, goal_arm: str) -> dict[str, list[str]]:
+                 sources: list[dict[str, Any]], label) -> dict[str, list[str]]:
   """meta.legacy's report lines that no new measurement covers (``label(record)`` names an arm as the tables do;
-  a goal row goes once ``goal_arm`` and both its controls are measured again on its pair)."""
-  legacy = committed.get("meta", {}).get("legacy", {})
+  a goal row, of :data:`LEGACY_GOAL_ARM`, goes once that arm and both its controls are measured again on its pair)."""
+  legacy, arm = committed.get("meta", {}).get("legacy", {}), LEGACY_GOAL_ARM
   measured_pairs = {p for p, b in bases.items() if not b.get("legacy")}
   measured_arms = {(r["pair"], label(r)) for r in records if "nll_blocks" in r}
   measured_sources = {f"- {s['source']} ({s['domain']}):" for s in sources}
@@ -90,6 +92,6 @@ def legacy_lines(committed: dict[str, Any], bases: dict[str, dict[str, Any]], re
   return {"bases": by_pair("bases"), "bounds": by_pair("bounds"),
           "sources": [x for x in legacy.get("sources", []) if not any(x.startswith(s) for s in measured_sources)],
           "goal": [x for x in legacy.get("goal", []) if not {(cell(x, 1).split(" (")[0], a) for a in
-                                                                 (goal_arm, f"null-{goal_arm}", f"random-{goal_arm}")} <= measured_arms],
+                                                                 (arm, f"null-{arm}", f"random-{arm}")} <= measured_arms],
           "steps": [x for x in legacy.get("steps", []) if (cell(x, 1), cell(x, 2)) not in measured_arms],
           "commands": legacy.get("commands", [])}

@@ -46,7 +46,8 @@ def test_legacy_goal_rows_go_once_the_arm_and_both_controls_are_back():
                                    "bounds": ["- a:b: a second bound, trained 1.0", "- c:d: a second bound, trained 1.0"]}}}
   bases = {"a:b": {"pair": "a:b"}, "c:d": {"legacy": True}}
   label = lambda r: r["arm"]  # noqa: E731
-  some = [_record("g", 0.0), _record("null-g", 0.0)]
-  kept = store.legacy_lines(committed, bases, some, [], label, "g")
+  g = store.LEGACY_GOAL_ARM
+  some = [_record(g, 0.0), _record(f"null-{g}", 0.0)]
+  kept = store.legacy_lines(committed, bases, some, [], label)
   assert kept["goal"] and kept["bounds"] == ["- c:d: a second bound, trained 1.0"]
-  assert not store.legacy_lines(committed, bases, some + [_record("random-g", 0.0)], [], label, "g")["goal"]
+  assert not store.legacy_lines(committed, bases, some + [_record(f"random-{g}", 0.0)], [], label)["goal"]

@@ -18,7 +18,7 @@ from crosslora_jax.errors import CrossLoraError
 SELECTIONS = ("all", "topk", "weighted")
 
 
-def token_weights(scores: np.ndarray, mask: np.ndarray, *, selection: str, fraction: float = 0.3) -> np.ndarray:
+def token_weights(scores: np.ndarray, mask: np.ndarray, *, selection: str, fraction: float = 0.5) -> np.ndarray:
   """Loss weights (N, T) float32 for ``scores`` (N, T) on the real tokens ``mask`` (N, T) bool."""
   scores = np.asarray(scores, dtype=np.float64)
   mask = np.asarray(mask, dtype=bool)
