@@ -34,6 +34,7 @@ from crosslora_jax.errors import CrossLoraError, one_line
 
 _FAILURE = "crosslora/failure"  # value: "<status>\t<process id>\t<one-line message>"
 _ACK = "crosslora/ack/"  # + process id: this process has seen the failure
+_LEFT = "crosslora/left/"  # + process id: the failing process has its acks and is leaving
 _DONE = "crosslora/done"  # barrier: process 0 has written every output
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$")
 ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
@@ -184,6 +185,10 @@ def fail_everywhere(message: str, status: int) -> None:
       _State.client.blocking_key_value_get(f"{_ACK}{other}", left)
     except Exception:  # noqa: BLE001  (gone already, or it is failing itself)
       pass
+  try:  # process 0 hosts the store: it waits for this before leaving (see _watch_for_failure)
+    _State.client.key_value_set(f"{_LEFT}{me}", "1")
+  except Exception:  # noqa: BLE001
+    pass
 
 
 def _watch_for_failure() -> None:
@@ -202,6 +207,9 @@ def _watch_for_failure() -> None:
       return  # this process is reporting (its own, or this same) failure itself
     try:
       _State.client.key_value_set(f"{_ACK}{me}", "1")
+      if me == 0:  # the store's host leaving first can abort the failing process (SIGABRT, not its status)
+        _State.client.blocking_key_value_get(f"{_LEFT}{origin}", 2000)
+        time.sleep(0.2)
     except Exception:  # noqa: BLE001
       pass
     _exit_now(f"{message} (process {origin} of {jax.process_count()})", int(status))
