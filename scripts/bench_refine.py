@@ -349,11 +349,14 @@ def default_arm() -> str:
               if all(hasattr(default, k) and getattr(default, k) == v for k, v in overrides.items()))
 
 
+GOAL_HEADER = ("| pair | recovery | Δ NLL vs its null control (± s.e., z) | Δ NLL vs its random control (± s.e., z) | "
+               "not worse than base | goal met |", "|---|---|---|---|---|---|")
+
+
 def goal_table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]], goal_arm: str) -> str:
   """The goal, per pair, for ``goal_arm`` at seed 0 and the default budget: recovery >= 50%,
   better than its null and its random control by > 2 paired s.e., not worse than the base."""
-  lines = ["| pair | recovery | Δ NLL vs its null control (± s.e., z) | Δ NLL vs its random control (± s.e., z) | not worse than base | goal met |",
-           "|---|---|---|---|---|---|"]
+  lines = list(GOAL_HEADER)
   for pair, base in bases.items():
     found = {r["arm"]: np.asarray(r["nll_blocks"]) for r in records
              if r["pair"] == pair and arm_label(r) == r["arm"] and "nll_blocks" in r}
@@ -393,9 +396,8 @@ def goal_section(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]]
              f"until `{refine_store.LEGACY_GOAL_ARM}` and both its controls are measured again on the pair.")
   if goal_arm == refine_store.LEGACY_GOAL_ARM:
     return [f"{lines[0]} {carried}", "", lines[2], *legacy_goal]
-  header = lines[2].split("\n")[:2]
   return lines + ["", f"The same goal for the earlier default, `{refine_store.LEGACY_GOAL_ARM}`. {carried}", "",
-                  *header, *legacy_goal]
+                  *GOAL_HEADER, *legacy_goal]
 
 
 def versus_table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]], goal_arm: str, challenger: str) -> str:
