@@ -318,6 +318,36 @@ def step_table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) 
   return "\n".join(lines)
 
 
+def check_picks(records: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+  """Per held-back check and group (arms, controls): for every run with held-out NLLs at two or more
+  checked steps, the NLL of the step the check picks (step 0 = the guard holding back) minus the
+  best checked step's: what each check would have cost, whichever the run used."""
+  from crosslora_jax.refine.config import CHECKS
+  picks: dict[str, dict[str, list[float]]] = {c: {"arms": [], "controls": []} for c in CHECKS}
+  for rec in records:
+    nll = {step: float(np.mean(v)) for step, v in rec.get("nll_by_step", {}).items()}
+    evals = {str(e["step"]): e for e in rec["report"].get("heldout", []) if str(e["step"]) in nll}
+    if len(evals) < 2:
+      continue
+    group = "controls" if rec["arm"].startswith(("null", "random")) else "arms"
+    for check, sign in CHECKS.items():
+      if all(check in e for e in evals.values()):
+        picked = max(sorted(evals, key=int), key=lambda step: sign * evals[step][check])
+        picks[check][group].append(nll[picked] - min(nll[step] for step in evals))
+  return picks
+
+
+def check_table(records: list[dict[str, Any]]) -> str:
+  """How often each held-back check picks the checked step with the best held-out NLL, and its regret."""
+  lines = ["| held-back check | group | runs | picked the best step | mean regret (nats) | largest regret |", "|---|---|---|---|---|---|"]
+  for check, groups in check_picks(records).items():
+    for group, regrets in groups.items():
+      if regrets:
+        r = np.asarray(regrets)
+        lines.append(f"| {check} | {group} | {len(r)} | {int((r <= 1e-12).sum())} | {r.mean():.4f} | {r.max():.4f} |")
+  return "\n".join(lines)
+
+
 def method_table(rows: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) -> str:
   """Method against method: one row per method, one column per pair; the data-free projections of
   results/quality.json above the refine arms.
@@ -435,7 +465,7 @@ def load_results(cache_dir: pathlib.Path, committed: dict[str, Any]) -> dict[str
   """Records, bases, bounds and sources from the cache, with the committed legacy rows (refine_store) after them."""
   docs = refine_store.cache_docs(cache_dir)
   records = [{**doc, "record": name} for name, doc in docs["records"].items()]
-  bases = {doc["pair"]: doc for doc in docs["bases"].values()}
+  bases = {doc["pair"]: dict(doc) for doc in docs["bases"].values()}  # best_bounds writes into copies, not the cache
   bound_lines = best_bounds(list(docs["bounds"].values()), bases)
   records += refine_store.legacy_records(committed, records)
   bases.update(refine_store.legacy_bases(committed, bases))
@@ -491,6 +521,10 @@ def write_results(cache_dir: pathlib.Path, out: pathlib.Path, note: str) -> None
         "on teacher text the student never trained on (agreement: correlation of the student's log-prob change "
         "with the teacher's carried score; delta_error: their mean squared difference; nll_selected: the "
         "student's NLL on the selected tokens):", "", step_table(records, bases), *legacy["steps"], "",
+        "How each held-back check would have picked the step that ships, over the runs above with held-out NLLs at "
+        "every checked step (the check a run used does not change its checkpoints, so all three are scored on every run; "
+        "regret = held-out NLL of the picked step − the best checked step's; *controls* = the null and random arms):", "",
+        check_table(records), "",
         "Commands:", *[f"- `{c}`" for c in commands], ""]
   (out / "refine.json").write_text(json.dumps({"meta": meta, "rows": rows, "cache": res["docs"]}, indent=1))
   (out / "refine.md").write_text("\n".join(md))
@@ -589,9 +623,19 @@ def best_bounds(bounds: list[dict[str, Any]], bases: dict[str, dict[str, Any]]) 
     found = [b for b in bounds if (b["target"], b["domain"], b["blocks"]) == (target, domain, base["blocks"])]
     for b in found:
       lines.append(f"- {pair}: a second bound, the recipe at lr {b['lr']:g} (JAX): trained {b['trained_nll']:.3f}")
-    base["trained_nll_recipe"] = base["trained_nll"]
-    base["trained_nll"] = min([base["trained_nll"]] + [b["trained_nll"] for b in found])
+    base["trained_nll_recipe"] = recipe_bound(target, base)
+    base["trained_nll"] = min([base["trained_nll_recipe"]] + [b["trained_nll"] for b in found])
   return lines
+
+
+def recipe_bound(target: str, base: dict[str, Any]) -> float:
+  """The bound of bench_quality's recipe itself, from where it was measured (its per-block NLLs
+  when trained here, else results/quality.json), not from the base's trained_nll: documents
+  written before 2026-12-02 (afternoon) stored the best bound there."""
+  if "trained_blocks" in base:
+    return float(np.mean(base["trained_blocks"]))
+  ref = trained_reference(target, base["blocks"]) if base.get("domain", "pydoc") == "pydoc" else None
+  return float(ref["trained_nll"]) if ref else float(base["trained_nll"])
 
 
 def run(args, cache_dir: pathlib.Path) -> None:
