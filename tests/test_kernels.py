@@ -195,5 +195,8 @@ def test_map_layers_equals_vmap():
   fn = lambda x: kernels.truncated_svd(x, rank=8, method="gram")
   mapped = kernels.map_layers(fn, w)
   vmapped = jax.vmap(fn)(w)
+  # The same maths in two compiled programs: float32 eigenvectors of the Gram matrix may differ
+  # in the last bits (2e-5 on entries of ~0.05 was seen on an AMD EPYC machine, in a full-suite
+  # run), so entries are compared to 1e-4; the layer order and identity are what is checked.
   for got, want in zip(mapped, vmapped):
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-3, atol=1e-4)
