@@ -323,6 +323,7 @@ def check_picks(records: list[dict[str, Any]]) -> dict[str, dict[str, list[float
   checked steps, the NLL of the step the check picks (step 0 = the guard holding back) minus the
   best checked step's: what each check would have cost, whichever the run used."""
   from crosslora_jax.refine.config import CHECKS
+  from crosslora_jax.refine.trainer import best_step
   picks: dict[str, dict[str, list[float]]] = {c: {"arms": [], "controls": []} for c in CHECKS}
   for rec in records:
     nll = {step: float(np.mean(v)) for step, v in rec.get("nll_by_step", {}).items()}
@@ -330,9 +331,9 @@ def check_picks(records: list[dict[str, Any]]) -> dict[str, dict[str, list[float
     if len(evals) < 2:
       continue
     group = "controls" if rec["arm"].startswith(("null", "random")) else "arms"
-    for check, sign in CHECKS.items():
+    for check in CHECKS:
       if all(check in e for e in evals.values()):
-        picked = max(sorted(evals, key=int), key=lambda step: sign * evals[step][check])
+        picked = str(best_step(list(evals.values()), check))
         picks[check][group].append(nll[picked] - min(nll[step] for step in evals))
   return picks
 

@@ -7,6 +7,7 @@ across them; a check's LoRA is copied (fit donates the live one to the next step
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,15 +49,43 @@ def train_config(config: RefineConfig) -> Any:
                      log_every=min(10, config.steps))
 
 
+def best_step(evals: Sequence[Mapping[str, Any]], check: str) -> int:
+  """The step a held-back check picks among ``evals`` (each with ``"step"`` and the check's value).
+
+  The best finite value in the check's direction (``CHECKS``); a tie keeps the earlier step, so
+  the initial adapter (step 0) stands unless a later step beats it; the earliest step stands when
+  no value is finite.
+
+  >>> best_step([{"step": 0, "agreement": 0.0}, {"step": 8, "agreement": 0.4}, {"step": 16, "agreement": 0.4}], "agreement")
+  8
+  >>> best_step([{"step": 0, "delta_error": 1.0}, {"step": 8, "delta_error": float("nan")}], "delta_error")
+  0
+  """
+  sign = CHECKS[check]
+  ordered = sorted(evals, key=lambda e: int(e["step"]))
+  picked, picked_value = int(ordered[0]["step"]), -np.inf
+  for e in ordered:
+    value = sign * float(e[check])
+    if np.isfinite(value) and value > picked_value:
+      picked, picked_value = int(e["step"]), value
+  return picked
+
+
 class _Checks:
   """fit's callback: stops on a diverged step, runs the held-back check every ``eval_every`` steps."""
 
   def __init__(self, target: Any, lora0: Any, spec: Any, held: student.StudentData, config: RefineConfig):
     self.target, self.spec, self.held, self.config = target, spec, held, config
-    self.sign = CHECKS[config.check]
     self.evals = [_evaluate(target, lora0, spec, held, config.batch, 0)]
-    self.best_value, self.best_step, self.best_lora = self.sign * self.evals[0][config.check], 0, lora0
     self.checkpoints = [(0, lora0)]
+
+  @property
+  def best_step(self) -> int:
+    return best_step(self.evals, self.config.check)
+
+  @property
+  def best_lora(self) -> Any:
+    return dict(self.checkpoints)[self.best_step]
 
   def __call__(self, step: int, lora: Any, loss: Any) -> bool:
     import jax
@@ -68,9 +97,6 @@ class _Checks:
     kept = jax.tree.map(jnp.copy, lora)
     self.evals.append(_evaluate(self.target, kept, self.spec, self.held, self.config.batch, step))
     self.checkpoints.append((step, kept))
-    value = self.sign * self.evals[-1][self.config.check]
-    if np.isfinite(value) and value > self.best_value:
-      self.best_value, self.best_step, self.best_lora = value, step, kept
     return False
 
 
@@ -85,8 +111,8 @@ def train_student(target: Any, lora0: Any, spec: Any, train: student.StudentData
                     params=target.params, progress=progress, description="refine (student training)",
                     step_key=("refine.student", target.config, spec, config.loss, float(config.anchor), float(config.clip), vocab),
                     callback=checks)
-  best_lora, best_step = checks.best_lora, checks.best_step
-  if not config.guard and best_step == 0 and result.losses and np.isfinite(result.losses[-1]):
-    best_lora, best_step = result.lora, len(result.losses)
-  return TrainOutcome(best_lora=best_lora, best_step=best_step, losses=result.losses, evals=checks.evals,
+  picked_lora, picked = checks.best_lora, checks.best_step
+  if not config.guard and picked == 0 and result.losses and np.isfinite(result.losses[-1]):
+    picked_lora, picked = result.lora, len(result.losses)
+  return TrainOutcome(best_lora=picked_lora, best_step=picked, losses=result.losses, evals=checks.evals,
                       check=config.check, checkpoints=checks.checkpoints)
