@@ -4,15 +4,31 @@
 tqdm bar per label (with rate and ETA), closed when it reaches its total or when a
 new label starts. By default a bar is shown only when the stream is a terminal,
 so logs and CI output stay clean; ``enabled=True`` shows it anyway (off a
-terminal, at most one redraw per 30 s), ``enabled=False`` never.
+terminal, at most one redraw per 30 s), ``enabled=False`` never. Functions that
+take ``progress`` (refine, the training loop) take a :data:`Progress`: True,
+``"always"`` or False, the same three choices.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import TextIO
+from typing import Literal, TextIO, Union
 
 from tqdm.auto import tqdm
+
+ALWAYS = "always"
+Progress = Union[bool, Literal["always"]]
+"""A ``progress`` argument: True draws bars on a terminal only, ``"always"`` in logs too
+(at most one redraw per 30 s off a terminal), False never."""
+
+
+def enabled(progress: Progress) -> bool | None:
+  """:class:`ProgressBar`'s ``enabled`` for a ``progress`` argument.
+
+  >>> enabled(True), enabled("always"), enabled(False)
+  (None, True, False)
+  """
+  return True if progress == ALWAYS else (None if progress else False)
 
 
 class ProgressBar:

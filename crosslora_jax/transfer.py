@@ -178,7 +178,8 @@ def run() -> list[engine.TransferResult]:
   if refine_config is not None:
     results = refine_batch.refine_results(_SOURCE.value, _TARGET.value, adapters, results, refine_config,
                                           from_projection=refine_flags.INIT.value == "projection",
-                                          skip_unsupported=config.skip_unsupported, progress=progress is not None)
+                                          skip_unsupported=config.skip_unsupported,
+                                          progress=False if progress is None else ("always" if progress.enabled else True))
   extra = refine_batch.plot_panels([r.report for r in results]) if refine_config is not None else ()
   picture = plot.render_png([r.report for r in results], extra=extra) if _PLOT.value else None  # before any writes
   if distributed.is_writer():

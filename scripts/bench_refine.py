@@ -226,7 +226,7 @@ def run_arm(name: str, args, state: dict[str, Any]) -> dict[str, Any]:
     init = result.adapter
   t0 = time.perf_counter()
   result = refine_adapter(state["source_dir"], source_adapter, state["target_dir"], init, config,
-                          progress=True, target_lm=state["target_lm"])
+                          progress="always", target_lm=state["target_lm"])
   refine_seconds = time.perf_counter() - t0
   t0 = time.perf_counter()
   # Every checked step's NLL (step 0 of a zero init is the base): how well each held-back

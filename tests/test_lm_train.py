@@ -251,6 +251,14 @@ def test_quiet_without_a_terminal(capfd):
   assert captured.err == "" and captured.out == ""
 
 
+def test_progress_always_draws_in_a_log_too(capfd):
+  x, y, w, lora = _toy_problem()
+  config = TrainConfig(steps=3, batch=8, log_every=1)
+  fit(_weighted_loss, lora, _sampler(x, y, w, config), config, progress="always", description="toy")
+  err = capfd.readouterr().err
+  assert "toy" in err and "3/3" in err
+
+
 def test_progress_bar_with_eta_on_a_terminal(monkeypatch):
   import io
   import sys

@@ -38,6 +38,7 @@ def test_refine_distill_writes_a_peft_adapter_and_a_report_section(models, tmp_p
   r = run_cli(models, tmp_path, "--output", tmp_path / "out", "--report", tmp_path / "report.json",
               "--plot", tmp_path / "plot.png", "--refine", "distill", "--no_refine_guard", *BUDGET)
   assert r.returncode == 0, r.stderr
+  assert "refine (student training)" not in r.stderr  # --noprogress
   assert "refine distill (init projection" in r.stdout and "shipped refined" in r.stdout
   report = json.loads((tmp_path / "report.json").read_text())
   refine = report["refine"]
@@ -62,8 +63,10 @@ def test_refine_distill_writes_a_peft_adapter_and_a_report_section(models, tmp_p
   # The teacher's corpus was cached: a second run reads it back, for each of two adapters with the same bytes.
   shutil.copytree(models / "adapter", tmp_path / "twin")
   r = run_cli(models, tmp_path, "--adapter", tmp_path / "twin", "--output", tmp_path / "again", "--refine", "distill",
-              *BUDGET)
+              *BUDGET, "--progress")
   assert r.returncode == 0, r.stderr
+  # --progress (given) draws the bars in a log too, refine's training included
+  assert "decomposing base weights" in r.stderr and r.stderr.count("refine (student training)") >= 2
   assert r.stdout.count("(cache hit)") == 2
   assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["adapter", "twin"]
 

@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 from crosslora_jax.errors import CrossLoraError, collect_and_raise
+from crosslora_jax.progress import ALWAYS, Progress
 
 SCHEDULES = ("cosine", "constant", "warmup_cosine")
 Batch = dict[str, Any]  # {"ids": (B, T) int32, "weights": (B, T) float32, ...}; leaves share the leading B axis
@@ -227,7 +228,7 @@ def _compile(make_step: Callable[[], Callable], key: Hashable | None, args: tupl
 
 
 def fit(loss_fn: LossFn, lora: Any, next_batch: Callable[[int], Batch], config: TrainConfig, *,
-        params: Any = None, progress: bool = True, description: str = "train",
+        params: Any = None, progress: Progress = True, description: str = "train",
         step_key: Hashable | None = None, callback: StepCallback | None = None,
         callback_every: int = 1) -> FitResult:
   """The training loop over any differentiable ``loss_fn(lora, batch[, params])``.
@@ -305,10 +306,13 @@ class _Quiet:
     pass
 
 
-def _progress_bar(total: int, description: str, progress: bool):
-  """tqdm with ETA on an interactive stderr; nothing in logs, CI, or with progress=False."""
-  if not progress or not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+def _progress_bar(total: int, description: str, progress: Progress):
+  """tqdm with ETA on an interactive stderr; in logs only with progress="always" (one
+  redraw per 30 s); nothing with progress=False."""
+  tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+  if not progress or (progress != ALWAYS and not tty):
     return _Quiet()
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
 
-  return tqdm(total=total, desc=description, unit="step", dynamic_ncols=True, file=sys.stderr)
+  return tqdm(total=total, desc=description, unit="step", dynamic_ncols=tty, file=sys.stderr,
+              mininterval=0.1 if tty else 30.0)

@@ -20,6 +20,7 @@ import numpy as np
 
 from crosslora_jax.errors import CrossLoraError
 from crosslora_jax.lm.loop import Batch, FitResult, LossFn, TrainConfig, fit, make_optimizer, make_schedule
+from crosslora_jax.progress import Progress
 
 __all__ = ["Batch", "FitResult", "LossFn", "TrainConfig", "TrainResult", "block_sampler", "fit", "make_optimizer",
            "make_schedule", "train_lora", "weighted_nll_loss"]
@@ -132,7 +133,7 @@ def _initial_lora(lm: Any, init: Any, spec: Any, seed: int) -> tuple[Any, Any]:
 
 
 def train_lora(lm: Any, data: Any, config: TrainConfig | None = None, *, weights: Any = None, init: Any = None,
-               spec: Any = None, loss_fn: LossFn | None = None, progress: bool = True,
+               spec: Any = None, loss_fn: LossFn | None = None, progress: Progress = True,
                output: str | os.PathLike[str] | None = None, overwrite: bool = False,
                save_dtype: str = "float32") -> TrainResult:
   """Trains LoRA factors on ``lm``'s frozen base and returns them as a PEFT adapter.

@@ -12,11 +12,12 @@ from typing import Any, Sequence
 
 from crosslora_jax import hub
 from crosslora_jax.formats import peft_format
+from crosslora_jax.progress import Progress
 from crosslora_jax.refine.config import RefineConfig
 
 
 def refine_results(source: str, target: str, adapters: Sequence[str], results: Sequence[Any], config: RefineConfig,
-                   *, from_projection: bool, skip_unsupported: bool, progress: bool) -> list[Any]:
+                   *, from_projection: bool, skip_unsupported: bool, progress: Progress) -> list[Any]:
   """``results`` (TransferResults, one per adapter) with the refined adapter and a ``refine`` report each.
 
   ``from_projection``: the student starts from each result's adapter, else from B = 0.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from crosslora_jax.progress import Progress
 from crosslora_jax.refine import corpus_cache, runtime, teacher
 from crosslora_jax.refine.config import RefineConfig
 
@@ -31,7 +32,7 @@ def cache_key(source_folder: Any, source_adapter: Any, target_folder: Any, promp
 
 
 def build_own_corpus(source_folder: Any, source_adapter: Any, target_folder: Any, target_lm: Any,
-                     config: RefineConfig, *, progress: bool, source_lm: Any = None) -> tuple[teacher.Corpus, dict[str, Any]]:
+                     config: RefineConfig, *, progress: Progress, source_lm: Any = None) -> tuple[teacher.Corpus, dict[str, Any]]:
   """(corpus written by ``target_lm`` and scored by source base ± adapter, report dict)."""
   prompts = teacher.prompt_texts(config)
   key = cache_key(source_folder, source_adapter, target_folder, prompts, config)

@@ -15,6 +15,7 @@ import numpy as np
 
 from crosslora_jax.errors import CrossLoraError
 from crosslora_jax.formats import peft_format
+from crosslora_jax.progress import Progress
 from crosslora_jax.refine import runtime, student, teacher
 from crosslora_jax.refine.config import RefineConfig
 from crosslora_jax.refine.select import token_weights
@@ -110,14 +111,16 @@ def prepare_student(target: Any, corpus: teacher.Corpus, config: RefineConfig,
 
 
 def refine_adapter(source_folder: Any, source_adapter: Any, target_folder: Any, init_adapter: Any,
-                   config: RefineConfig, *, progress: bool = True, source_lm: Any = None,
+                   config: RefineConfig, *, progress: Progress = True, source_lm: Any = None,
                    target_lm: Any = None) -> RefineResult:
   """Refines a LoRA on ``target_folder`` by distillation from source base + ``source_adapter``.
 
   ``init_adapter``: a PeftAdapter (or folder) on the target to start from (a projection
   result), or None for standard LoRA init (B = 0). ``source_lm`` / ``target_lm``: already
-  loaded runtimes to reuse (batch jobs load each base once). Returns the adapter that
-  ships and a report (corpus, tokens kept, loss curve, held-back checks, seconds per phase).
+  loaded runtimes to reuse (batch jobs load each base once). ``progress``: bars with ETA
+  for sampling, scoring and training on a terminal (True), in logs too (``"always"``), or
+  never (False). Returns the adapter that ships and a report (corpus, tokens kept, loss
+  curve, held-back checks, seconds per phase).
   """
   if not isinstance(config, RefineConfig):
     raise CrossLoraError(f"config: a RefineConfig expected, got {type(config).__name__}.")

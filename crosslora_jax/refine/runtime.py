@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from crosslora_jax.progress import ProgressBar
+from crosslora_jax.progress import Progress, ProgressBar, enabled
 
 LENGTH_QUANTUM = 16
 
@@ -58,9 +58,9 @@ def fixed_batches(arrays: Sequence[np.ndarray], batch: int):
 
 
 def batched_logprobs(lm_obj: Any, lora: Any, spec: Any, ids: np.ndarray, real: np.ndarray, *, batch: int,
-                     progress: bool = False, what: str = "log-probs") -> np.ndarray:
+                     progress: Progress = False, what: str = "log-probs") -> np.ndarray:
   """(N, T-1) float32 next-token log-probs of padded ``ids`` (N, T), ``batch`` rows at a time."""
-  bar = ProgressBar() if progress else None
+  bar = ProgressBar(enabled=enabled(progress)) if progress else None
   out = np.zeros((ids.shape[0], ids.shape[1] - 1), np.float32)
   for start, rows, (chunk_ids, chunk_real) in fixed_batches([ids, real], batch):
     lp = np.asarray(token_logprobs(lm_obj, lora, spec, chunk_ids, chunk_real))
@@ -70,7 +70,7 @@ def batched_logprobs(lm_obj: Any, lora: Any, spec: Any, ids: np.ndarray, real: n
   return out
 
 
-def sequence_logprobs(lm_obj: Any, rows: Sequence[Sequence[int]], *, batch: int, use_lora: bool, progress: bool,
+def sequence_logprobs(lm_obj: Any, rows: Sequence[Sequence[int]], *, batch: int, use_lora: bool, progress: Progress,
                       what: str) -> list[np.ndarray]:
   """Per-row (len(row) - 1,) float32 log-probs of each next token, with or without the LM's LoRA."""
   ids, real = pad_rows(rows, 0)
@@ -80,10 +80,10 @@ def sequence_logprobs(lm_obj: Any, rows: Sequence[Sequence[int]], *, batch: int,
 
 
 def generate(lm_obj: Any, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float, top_p: float,
-             seed: int, eos_ids: list[int], progress: bool, chunk: int = 32) -> list[list[int]]:
+             seed: int, eos_ids: list[int], progress: Progress, chunk: int = 32) -> list[list[int]]:
   """New token ids per prompt (``lm.sample.generate``), in chunks of ``chunk`` prompts (seed + chunk index each)."""
   from crosslora_jax.lm import sample
-  bar = ProgressBar() if progress else None
+  bar = ProgressBar(enabled=enabled(progress)) if progress else None
   outputs: list[list[int]] = []
   for index, start in enumerate(range(0, len(prompt_ids), chunk)):
     part = [list(p) for p in prompt_ids[start:start + chunk]]

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from crosslora_jax.progress import Progress
 from crosslora_jax.refine import corpus_cache, runtime
 from crosslora_jax.refine.config import RefineConfig
 from crosslora_jax.refine.prompts import read_prompts, render_prompt
@@ -82,7 +83,7 @@ def prompt_texts(config: RefineConfig) -> list[str]:
   return [prompts[i % len(prompts)] for i in range(config.samples)]
 
 
-def write_texts(teacher: Any, prompts: Sequence[str], config: RefineConfig, *, progress: bool) -> tuple[list[str], list[int]]:
+def write_texts(teacher: Any, prompts: Sequence[str], config: RefineConfig, *, progress: Progress) -> tuple[list[str], list[int]]:
   """Samples continuations; returns (texts = rendered prompt + continuation, prompt lengths in characters)."""
   tok = teacher.tokenizer
   separator = tok.bos_id if tok.bos_id is not None else tok.eos_id
@@ -98,7 +99,7 @@ def write_texts(teacher: Any, prompts: Sequence[str], config: RefineConfig, *, p
   return texts, prompt_chars
 
 
-def score_texts(teacher: Any, texts: Sequence[str], prompt_chars: Sequence[int], *, batch: int, progress: bool,
+def score_texts(teacher: Any, texts: Sequence[str], prompt_chars: Sequence[int], *, batch: int, progress: Progress,
                 prompts: Sequence[str] | None = None, vocab_k: int = 0) -> Corpus:
   """Scores every teacher token of ``texts`` by log p(with adapter) − log p(base); with ``vocab_k``,
   also the change of each position's ``vocab_k`` likeliest tokens (:mod:`crosslora_jax.refine.vocab`)."""
@@ -124,7 +125,7 @@ def score_texts(teacher: Any, texts: Sequence[str], prompt_chars: Sequence[int],
   return corpus
 
 
-def build_corpus(source_folder: Any, source_adapter: Any, config: RefineConfig, *, progress: bool,
+def build_corpus(source_folder: Any, source_adapter: Any, config: RefineConfig, *, progress: Progress,
                  teacher: Any = None) -> tuple[Corpus, dict[str, Any]]:
   """The scored teacher corpus, from the cache when an intact entry is there; plus a report dict."""
   from crosslora_jax.formats import checkpoint

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from crosslora_jax.progress import Progress
 from crosslora_jax.refine import runtime, student
 from crosslora_jax.refine.config import CHECKS, RefineConfig
 
@@ -101,7 +102,7 @@ class _Checks:
 
 
 def train_student(target: Any, lora0: Any, spec: Any, train: student.StudentData, held: student.StudentData,
-                  config: RefineConfig, *, progress: bool) -> TrainOutcome:
+                  config: RefineConfig, *, progress: Progress) -> TrainOutcome:
   from crosslora_jax.lm import loop
   checks = _Checks(target, lora0, spec, held, config)
   batches = _batches(len(train.ids), config.batch, config.steps, config.seed)
