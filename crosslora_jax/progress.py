@@ -37,11 +37,13 @@ class ProgressBar:
   Args:
     stream: where bars go (default: sys.stderr, looked up at each new bar).
     enabled: None shows bars on a terminal only; True always; False never.
+    unit: what ``done`` counts, for the rate (the engine's weights by default).
   """
 
-  def __init__(self, stream: TextIO | None = None, *, enabled: bool | None = None):
+  def __init__(self, stream: TextIO | None = None, *, enabled: bool | None = None, unit: str = "weight"):
     self.stream = stream
     self.enabled = enabled
+    self.unit = unit
     self._bar: tqdm | None = None
     self._label: str | None = None
 
@@ -67,7 +69,7 @@ class ProgressBar:
     # Off a terminal every redraw is one more record in a log: at most one per 30 s, and the final count.
     mininterval = 0.1 if tty else 30.0
     return tqdm(total=total, desc=label, file=stream, disable=disable, mininterval=mininterval,
-                unit="weight", dynamic_ncols=tty, leave=True)
+                unit=self.unit, dynamic_ncols=tty, leave=True)
 
   def close(self) -> None:
     """Ends the current bar (drawn once more at its final count)."""

@@ -65,3 +65,9 @@ def test_the_cli_flag(tmp_path_factory, flag, shown):
                       "--rank", "8", "--no_cache", flag], capture_output=True, text=True, env=env, timeout=300)
   assert r.returncode == 0, r.stderr
   assert (f"{LABEL}: 100%" in r.stderr) == shown, r.stderr
+
+
+def test_the_unit_names_what_is_counted():
+  stream = Terminal()
+  feed(ProgressBar(stream, unit="sequence"), label="teacher writes")
+  assert "sequence/s" in stream.getvalue() and "weight" not in stream.getvalue()

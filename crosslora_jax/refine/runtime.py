@@ -60,7 +60,7 @@ def fixed_batches(arrays: Sequence[np.ndarray], batch: int):
 def batched_logprobs(lm_obj: Any, lora: Any, spec: Any, ids: np.ndarray, real: np.ndarray, *, batch: int,
                      progress: Progress = False, what: str = "log-probs") -> np.ndarray:
   """(N, T-1) float32 next-token log-probs of padded ``ids`` (N, T), ``batch`` rows at a time."""
-  bar = ProgressBar(enabled=enabled(progress)) if progress else None
+  bar = ProgressBar(enabled=enabled(progress), unit="sequence") if progress else None
   out = np.zeros((ids.shape[0], ids.shape[1] - 1), np.float32)
   for start, rows, (chunk_ids, chunk_real) in fixed_batches([ids, real], batch):
     lp = np.asarray(token_logprobs(lm_obj, lora, spec, chunk_ids, chunk_real))
@@ -83,7 +83,7 @@ def generate(lm_obj: Any, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens
              seed: int, eos_ids: list[int], progress: Progress, chunk: int = 32) -> list[list[int]]:
   """New token ids per prompt (``lm.sample.generate``), in chunks of ``chunk`` prompts (seed + chunk index each)."""
   from crosslora_jax.lm import sample
-  bar = ProgressBar(enabled=enabled(progress)) if progress else None
+  bar = ProgressBar(enabled=enabled(progress), unit="sequence") if progress else None
   outputs: list[list[int]] = []
   for index, start in enumerate(range(0, len(prompt_ids), chunk)):
     part = [list(p) for p in prompt_ids[start:start + chunk]]
