@@ -71,7 +71,7 @@ from absl import app, flags, logging  # noqa: E402
 from crosslora_jax.core import cache, distributed, engine, kernels, planning  # noqa: E402
 from crosslora_jax.errors import CrossLoraError, one_line  # noqa: E402
 from crosslora_jax.formats import adapter_io, model_card  # noqa: E402
-from crosslora_jax.progress import ProgressBar  # noqa: E402
+from crosslora_jax.progress import Progress, ProgressBar, enabled  # noqa: E402
 from crosslora_jax import distributed_flags, hub, outputs, plot  # noqa: E402
 from crosslora_jax.refine import batch as refine_batch, cli_flags as refine_flags  # noqa: E402
 
@@ -171,15 +171,15 @@ def run() -> list[engine.TransferResult]:
     cache.enable_compilation_cache(plan.xla_cache_dir)
   if _PLOT.value:
     plot.check_plot_path(_PLOT.value)
-  progress = ProgressBar(enabled=True if flags.FLAGS["progress"].present else None) if _PROGRESS.value else None
+  shown: Progress = ("always" if flags.FLAGS["progress"].present else True) if _PROGRESS.value else False
+  progress = ProgressBar(enabled=enabled(shown)) if shown else None
   if not _PROGRESS.value:
     hub.hide_download_bars()
   results = engine.transfer_adapters(_SOURCE.value, _TARGET.value, adapters, config, progress=progress)
   if refine_config is not None:
     results = refine_batch.refine_results(_SOURCE.value, _TARGET.value, adapters, results, refine_config,
                                           from_projection=refine_flags.INIT.value == "projection",
-                                          skip_unsupported=config.skip_unsupported,
-                                          progress=False if progress is None else ("always" if progress.enabled else True))
+                                          skip_unsupported=config.skip_unsupported, progress=shown)
   extra = refine_batch.plot_panels([r.report for r in results]) if refine_config is not None else ()
   picture = plot.render_png([r.report for r in results], extra=extra) if _PLOT.value else None  # before any writes
   if distributed.is_writer():
