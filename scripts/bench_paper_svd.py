@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> dict:
                "seconds": wall, "cpu_seconds": cpu, "tail_ratio": tail_ratio(w, s, np.asarray(sub.u)),
                "gflop": svd_solvers.flops(name, shape, r, n_oversamples=p, n_power_iter=q) / 1e9}
         rows.append(row)
-        print(f"{model} {group} {shape} {spec}: {wall:.1f} s wall, {cpu:.1f} s CPU, tail {row['tail_ratio']:.5f}, "
+        tail = "full rank" if row["tail_ratio"] is None else f"{row['tail_ratio']:.5f}"
+        print(f"{model} {group} {shape} {spec}: {wall:.1f} s wall, {cpu:.1f} s CPU, tail {tail}, "
               f"{row['gflop']:.0f} GFLOP", file=sys.stderr, flush=True)
   summary = {}
   for spec, *_ in methods:
@@ -96,7 +97,34 @@ def run(args: argparse.Namespace) -> dict:
                      "layer_pair_tflop": sum(x["gflop"] * x["modules"] for x in mine) / 1e3,
                      "tail_ratio_max": max((x["tail_ratio"] for x in mine if x["tail_ratio"] is not None),
                                            default=None)}
+  auto = auto_summary(rows)
+  if auto:
+    summary["auto (per shape, from the rows above)"] = auto
   return {"rank": args.rank, "rows": rows, "summary": summary}
+
+
+def auto_summary(rows: list[dict]) -> dict | None:
+  """``--svd auto``'s layer pair: per shape, the gram or randomized row (at randomized's defaults)
+  that ``svd_solvers.auto_method`` picks; None unless both were measured."""
+  from crosslora_jax.core import svd_solvers
+  rand = f"randomized:{svd_solvers.RANDOMIZED_OVERSAMPLES}/{svd_solvers.RANDOMIZED_POWER_ITER}"
+  by = {(x["model"], x["group"], x["method"]): x for x in rows}
+  picked = []
+  for x in rows:
+    if x["method"] != "gram":
+      continue
+    name = svd_solvers.auto_method(tuple(x["shape"]), x["rank"])
+    pick = x if name == "gram" else by.get((x["model"], x["group"], rand))
+    if pick is None:
+      return None
+    picked.append(pick)
+  if not picked:
+    return None
+  return {"layer_pair_seconds": sum(x["seconds"] * x["modules"] for x in picked),
+          "layer_pair_cpu_seconds": sum(x["cpu_seconds"] * x["modules"] for x in picked),
+          "layer_pair_tflop": sum(x["gflop"] * x["modules"] for x in picked) / 1e3,
+          "tail_ratio_max": max((x["tail_ratio"] for x in picked if x["tail_ratio"] is not None), default=None),
+          "choices": {f"{x['model']} {x['group']}": x["method"] for x in picked}}
 
 
 def main() -> None:

@@ -254,7 +254,7 @@ def arm_label(rec: dict[str, Any]) -> str:
   from crosslora_jax.refine import RefineConfig
   config, default = rec["report"]["config"], RefineConfig()
   notes = [f"seed {config['seed']}"] if config.get("seed", 0) else []
-  notes += [f"{config[k]} {k}" for k in ("tokens", "steps") if config.get(k, getattr(default, k)) != getattr(default, k)]
+  notes += [f"{config[k]} {k}" for k in ("tokens", "steps", "batch") if config.get(k, getattr(default, k)) != getattr(default, k)]
   notes += [f"lr {config['lr']:g}"] if config.get("lr", default.lr) != default.lr else []
   return rec["arm"] if not notes else f"{rec['arm']} ({', '.join(notes)})"
 
