@@ -1,6 +1,6 @@
 r"""Scaling law: decomposition time and peak memory of a transfer vs model size, up to Llama-3-70B shapes.
 
-  nice -n 5 python scripts/bench_scaling.py            # writes results/scaling.{md,json}
+  python scripts/bench_scaling.py                      # writes results/scaling.{md,json}
   python scripts/bench_scaling.py --shapes 0.5b,3b     # skip the 70B shape
 
 Three same-shape pairs of synthetic bf16 checkpoints (source seed 1 -> target seed 2):
@@ -19,7 +19,7 @@ a 70B layer is 1.7 GB of bf16 per model), and per shape, in child processes:
 
 Per-layer time of a transfer = 2 (source and target) x the sum over the 7 modules; full
 depth = layers x that; a power law t = a P^b over the shapes (P = parameters in one layer's
-7 linear weights) is the fit, and a FLOP model of --svd gram, calibrated on the measured
+7 linear weights) is the fit, and a FLOP model of the --svd used, calibrated on the measured
 rates, extrapolates to every shape. --rows merges rows.json files of separate runs. Nothing
 here is a timed test.
 """
@@ -193,34 +193,40 @@ def measure_shape(name: str, work: pathlib.Path) -> dict[str, Any]:
           "write_seconds": write_seconds}
 
 
-def gram_flops(config: dict[str, Any]) -> float:
-  """FLOPs of --svd gram for one layer of one model: per weight (m, n), k = min(m, n),
-  the Gram matrix 2mnk, a full eigh ~9k^3, the Rayleigh-Ritz product 2mn(r + 32)."""
+def layer_flops(config: dict[str, Any], svd: str) -> float:
+  """FLOPs of one layer of one model at ``--svd svd``: per weight, ``svd_solvers.flops`` of the method
+  it resolves to (``auto`` picks per shape) at r = min(320, m, n) and randomized's default p and q."""
+  from crosslora_jax.core import svd_solvers
   from crosslora_jax.formats.architectures import Architecture
   arch = Architecture.from_config(config)
   total = 0.0
   for module in CANONICAL_MODULES:
-    m, n = arch.shape(module)
-    k = min(m, n)
-    total += 2.0 * m * n * k + 9.0 * k**3 + 2.0 * m * n * (min(RANK, k) + 32)
+    shape = arch.shape(module)
+    r = min(RANK, *shape)
+    method = svd_solvers.resolve_method(svd, shape, r)
+    total += svd_solvers.flops(method, shape, r, n_oversamples=svd_solvers.RANDOMIZED_OVERSAMPLES,
+                               n_power_iter=svd_solvers.RANDOMIZED_POWER_ITER)
   return total
 
 
 def flop_model_lines(rows: list[dict[str, Any]]) -> list[str]:
   """The measured FLOP rates and every shape's full-depth FLOPs and time at them (markdown lines)."""
-  rates = {r["shape"]: 2 * gram_flops(r["config"]) / r["layer_cpu_seconds"] for r in rows}
-  per_layer = {name: 2 * gram_flops(cfg) for name, cfg in SHAPES.items()}  # both models
-  lines = ["**FLOP model** (Gram 2mnk + eigh ~9k^3 + Rayleigh-Ritz 2mn(r+32) per weight, k = min(m, n)): "
+  svd = rows[0]["svd"]
+  per_layer = {name: 2 * layer_flops(cfg, svd) for name, cfg in SHAPES.items()}  # both models
+  rates = {r["shape"]: per_layer[r["shape"]] / r["layer_cpu_seconds"] for r in rows}
+  wall_rates = {r["shape"]: per_layer[r["shape"]] / r["layer_seconds"] for r in rows}
+  lines = [f"**FLOP model** (`svd_solvers.flops` of the method `--svd {svd}` takes for each weight, leading terms): "
            + "; ".join(f"{name}: {per_layer[name] / 1e12:.2f} TFLOP per layer (2 models)"
-                       + (f", measured {rates[name] / 1e9:.1f} GFLOP per CPU-second" if name in rates else "")
+                       + (f", measured {rates[name] / 1e9:.1f} GFLOP per CPU-second, {wall_rates[name] / 1e9:.1f} "
+                          "per wall-second" if name in rates else "")
                        for name in SHAPES) + "."]
-  best = max(rates.values())
+  best, best_wall = max(rates.values()), max(wall_rates.values())
   for name, cfg in SHAPES.items():
     flops = per_layer[name] * cfg["num_hidden_layers"]
     lines.append(f"- {name} at full depth ({cfg['num_hidden_layers']} layers, both models): {flops / 1e15:.3f} "
                  f"PFLOP = {flops / best / 3600:.2f} CPU-hours at the best measured rate ({best / 1e9:.1f} "
-                 f"GFLOP/CPU-s), {flops / 85e9 / 3600:.2f} h of wall time at the ~85 GFLOP/s a quiet 2-core run "
-                 "reaches.")
+                 f"GFLOP/CPU-s), {flops / best_wall / 3600:.2f} h of wall time at the best measured wall rate "
+                 f"({best_wall / 1e9:.1f} GFLOP/s).")
   return lines + [""]
 
 
@@ -239,8 +245,9 @@ def write_results(rows: list[dict[str, Any]], law: dict[str, dict[str, float]] |
   lines = [
       "# Scaling law: decomposition time and peak memory vs model size", "",
       f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%M} UTC on {bench_speed.machine()}. "
-      "The 2 cores were shared with other jobs (load average ~10) and this ran under `nice -n 5`, so wall times "
-      "are mostly waiting: CPU seconds (all threads of the process) are the steadier measure, and the fit uses them.",
+      f"Load average at the end {os.getloadavg()[0]:.1f} (above ~2 on these 2 cores, other jobs shared them and "
+      "wall times include waiting); CPU seconds (all threads of the process) are the steadier measure, and the "
+      "CPU fit uses them.",
       "", f"Command: `{command}` (total {total_seconds / 60:.1f} min). Same-shape pairs of synthetic bf16 "
       f"checkpoints (source seed 1 -> target seed 2), r = {RANK}, `--svd {rows[0]['svd']}` (the CLI default), a "
       "rank-16 LoRA; built-in spectrum profile (bench_speed.fallback_profile).", "",
@@ -323,7 +330,7 @@ def main() -> None:
       t_shape = time.perf_counter()
       rows.append(measure_shape(name, work))
       rows[-1].update(total_seconds=time.perf_counter() - t_shape,
-                      command=" ".join(["nice -n 5 python scripts/bench_scaling.py"] + sys.argv[1:]))
+                      command=" ".join(["python scripts/bench_scaling.py"] + sys.argv[1:]))
       rows.sort(key=lambda r: list(SHAPES).index(r["shape"]))
       saved.write_text(json.dumps(rows, indent=1))
   finally:

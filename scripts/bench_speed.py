@@ -320,12 +320,14 @@ def well_posed_errors(w: np.ndarray, s_exact: np.ndarray, u_exact: np.ndarray, u
     σ_r ≈ σ_{r+1} the rank-r subspace itself is not defined, and neither is its largest
     principal angle to exact nor the ΔW_t built from it.
   ``s_exact`` holds at least the top r singular values; the gap at r needs s_exact[r].
+  tail_ratio is None at full rank (r = min(m, n)): there is no tail, any basis of the space is exact.
   """
   w64 = np.asarray(w, np.float64)
   r = u.shape[1]
   total = float(np.sum(w64 ** 2))
   optimum = max(total - float(np.sum(np.asarray(s_exact[:r], np.float64) ** 2)), 1e-300)
   tail = total - float(np.sum((np.asarray(u, np.float64).T @ w64) ** 2))
+  tail_ratio = None if r >= min(w.shape) else tail / optimum
   s = np.asarray(s_exact, np.float64)
   n = min(r, len(s) - 1)
   gap_after = s[:n] / np.maximum(s[1:n + 1], 1e-300)
@@ -336,7 +338,7 @@ def well_posed_errors(w: np.ndarray, s_exact: np.ndarray, u_exact: np.ndarray, u
   e, x = e / np.linalg.norm(e, axis=0), x / np.linalg.norm(x, axis=0)
   cos = np.sum(e * x, axis=0)
   angles = np.degrees(np.arctan2(np.linalg.norm(x - cos * e, axis=0), np.abs(cos)))  # accurate near 0, unlike arccos
-  return {"tail_ratio": tail / optimum, "angle_deg": float(angles.max()) if len(angles) else 0.0,
+  return {"tail_ratio": tail_ratio, "angle_deg": float(angles.max()) if len(angles) else 0.0,
           "isolated": int(len(isolated))}
 
 
@@ -362,8 +364,9 @@ def subspace_errors(cache_a: pathlib.Path, cache_b: pathlib.Path, models: dict[s
       w = np.asarray(ck.weight(layer, module), np.float32)
       for side, mat in (("u", w), ("v", w.T)):
         err = well_posed_errors(mat, a["s"], a[side], b[side])
-        cur = worst.setdefault(module, {"tail_ratio": 0.0, "angle_deg": 0.0})
-        cur["tail_ratio"] = max(cur["tail_ratio"], err["tail_ratio"])
+        cur = worst.setdefault(module, {"tail_ratio": None, "angle_deg": 0.0})
+        if err["tail_ratio"] is not None:  # None: full rank, no tail
+          cur["tail_ratio"] = max(cur["tail_ratio"] or 0.0, err["tail_ratio"])
         cur["angle_deg"] = max(cur["angle_deg"], err["angle_deg"])
   return worst
 
@@ -453,19 +456,23 @@ def accuracy_study(args: argparse.Namespace) -> dict[str, Any]:
           for (w, (u_x, s_x, vt_x)), f in ((w_s, full["s"]), f_s), ((w_t, full["t"]), f_t):
             errs.append(well_posed_errors(w, s_x, u_x, np.asarray(f.u)))
             errs.append(well_posed_errors(w.T, s_x, vt_x.T, np.asarray(f.v)))
-          print(f"[study]   {module} {name}: tail {max(e['tail_ratio'] for e in errs):.5f} angle "
+          tails = [e["tail_ratio"] for e in errs if e["tail_ratio"] is not None]  # none: full rank
+          tail = max(tails) if tails else None
+          print(f"[study]   {module} {name}: tail {'full rank' if tail is None else f'{tail:.5f}'} angle "
                 f"{max(e['angle_deg'] for e in errs):.3f} {sec_s + sec_t:.2f} s", file=sys.stderr, flush=True)
           rows.setdefault(name, []).append({
               "pair": f"{s_name}->{t_name}", "layers": [l_s, l_t], "module": module, "rank": r,
-              "tail_ratio": max(e["tail_ratio"] for e in errs), "angle_deg": max(e["angle_deg"] for e in errs),
+              "tail_ratio": tail, "angle_deg": max(e["angle_deg"] for e in errs),
               "isolated": min(e["isolated"] for e in errs), "seconds": sec_s + sec_t,
               "flops": sum(svd_solvers.flops(method, w.shape, r, n_oversamples=p, n_power_iter=q) for w in (w_s, w_t)),
               "dw_rel": float(kernels.lowrank_relative_difference(ref.a_ri, ref.b_or, proj.a_ri, proj.b_or))})
         print(f"[study] {s_name}->{t_name} layers {l_s}/{l_t} {module} done", file=sys.stderr, flush=True)
   summary = {}
   for name, rs in rows.items():
-    worst = max(rs, key=lambda x: x["tail_ratio"])
-    summary[name] = {"tail_ratio_max": worst["tail_ratio"], "tail_ratio_mean": float(np.mean([x["tail_ratio"] for x in rs])),
+    tailed = [x for x in rs if x["tail_ratio"] is not None] or rs  # full-rank weights have no tail
+    worst = max(tailed, key=lambda x: x["tail_ratio"] or 0.0)
+    summary[name] = {"tail_ratio_max": worst["tail_ratio"],
+                     "tail_ratio_mean": float(np.mean([x["tail_ratio"] or 0.0 for x in tailed])),
                      "angle_deg_max": max(x["angle_deg"] for x in rs), "seconds": sum(x["seconds"] for x in rs),
                      "gflop": sum(x["flops"] for x in rs) / 1e9, "dw_rel_max": max(x["dw_rel"] for x in rs),
                      "worst": f"{worst['pair']} {worst['module']} L{worst['layers']}"}
@@ -627,7 +634,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
   res["real"] = {}
   if "smollm2" in models and "qwen05" in models and not args.skip_real:
     real_adapter = REPO / "examples" / "smollm2-pydoc-lora"  # the shipped SmolLM2 LoRA, r 16 on 7 modules
-    for method in ("exact", "gram", "randomized"):
+    for method in ("exact", "gram", "randomized") + ((d,) if d not in ("exact", "gram", "randomized") else ()):
       res["real"][method] = timed(cli(models["smollm2"], models["qwen05"], runs / f"real-{method}",
                                       runs / f"cache-real-{method}", adapter=real_adapter, svd=method),
                                   work, f"real-smollm2-qwen05-{method}")
@@ -680,7 +687,8 @@ def summarize(res: dict[str, Any], args: argparse.Namespace, command: str) -> di
            "extra_adapter_seconds": extra, "peak_gib_8": w8["peak_gib"], "engine_seconds_8": report(w8)["seconds"],
            "engine_seconds_1": report(w1)["seconds"]}
   acc = res["accuracy"]
-  default_tail = max(v["tail_ratio"] for v in acc[d]["well_posed"].values()) if d in acc else None
+  default_tail = max((v["tail_ratio"] for v in acc[d]["well_posed"].values() if v["tail_ratio"] is not None),
+                     default=None) if d in acc else None
   peak = max(full["peak_gib"], w8["peak_gib"])
   targets = {
       "default <= 10 min (2-core CPU)": (full["seconds"] <= 60 * TARGETS["default_minutes"],
@@ -711,7 +719,8 @@ def summarize(res: dict[str, Any], args: argparse.Namespace, command: str) -> di
 def write_results(summary: dict[str, Any], out_dir: pathlib.Path) -> str:
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / "speed.json").write_text(json.dumps(summary, indent=1) + "\n")
-  fmt_acc = lambda d: ", ".join(f"{m.replace('_proj', '')} {v:.3g}" for m, v in d.items()) if d else "n/a"
+  fmt_acc = lambda d: ", ".join(f"{m.replace('_proj', '')} {'full rank' if v is None else f'{v:.3g}'}"
+                                for m, v in d.items()) if d else "n/a"
   lines = [
       "# Speed at paper scale",
       "",
