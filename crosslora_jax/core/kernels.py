@@ -26,7 +26,7 @@ from crosslora_jax.core import svd_solvers
 from crosslora_jax.core.svd_solvers import HIGHEST, mm  # noqa: F401  (HIGHEST: part of this module's surface)
 SVD_METHODS = ("exact", "gram", "randomized", svd_solvers.AUTO)  # auto: gram or randomized per weight shape
 SEEDED_SVD_METHODS = ("randomized",)  # the SVD methods that draw from a PRNG key
-DEFAULT_SVD = "gram"  # chosen from measured accuracy and speed: BUILD_NOTES.md, "Speed and memory"
+DEFAULT_SVD = svd_solvers.AUTO  # gram or randomized per shape; chosen from measured accuracy and speed (results/speed.md)
 DEFAULT_OVERSAMPLES = svd_solvers.RANDOMIZED_OVERSAMPLES
 DEFAULT_POWER_ITER = svd_solvers.RANDOMIZED_POWER_ITER
 
