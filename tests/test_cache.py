@@ -127,6 +127,45 @@ def test_corrupt_entry_is_recomputed(models, tmp_path, decompositions, damage):
   assert decompositions == []  # and rewritten whole
 
 
+def test_a_warm_read_fills_the_stack_in_place(models, tmp_path):
+  """Cached layers are read straight into the (L, ...) stack a chunk needs: the same values as the
+  entries, handed out without another copy (read-only, as it is shared); another order is a copy."""
+  from crosslora_jax.core.subspaces import Subspaces
+  _run(models, tmp_path, svd="exact")
+  store = cache.SubspaceCache(tmp_path / "cache")
+  subs = Subspaces(models[0], TransferConfig(rank=4, svd="exact"), cache=store)
+  got = subs.get("q_proj", [0, 1], 4)
+  assert subs.loaded == 2 and subs.computed == 0 and not got.u.flags.writeable
+  for i in (0, 1):
+    for x, y in zip(got, store.load(subs.entry_key("q_proj", i, 4))):
+      np.testing.assert_array_equal(x[i], y)
+  flipped = subs.get("q_proj", [1, 0], 4)
+  assert flipped.u.flags.writeable
+  np.testing.assert_array_equal(flipped.v, got.v[::-1])
+
+
+def test_an_entry_whose_header_lies_is_rejected(tmp_path):
+  """Shapes, dtypes and data offsets are checked before anything is read into the stack."""
+  from safetensors.numpy import save as st_save
+  store = cache.SubspaceCache(tmp_path)
+  key = cache.EntryKey.make("m", "q_proj", 0, (6, 5), rank=2, method="exact", seed=0, n_oversamples=0, n_power_iter=0)
+  good = {"u": np.ones((6, 2), np.float32), "s": np.ones(2, np.float32), "v": np.ones((5, 2), np.float32),
+          "energy": np.ones(1, np.float32)}
+  key_json = key.to_json()
+  store.path(key).parent.mkdir(parents=True)
+  for i, change in enumerate([{"u": np.ones((5, 2), np.float32)}, {"s": np.ones(2, np.float64)},
+                              {"energy": np.ones(2, np.float32)}], start=1):
+    tensors = {**good, **change}
+    meta = {"key": key_json, "crc32": cache._checksum(key_json, tensors)}
+    store.path(key).write_bytes(st_save(tensors, metadata=meta))
+    assert store.load(key) is None and store.rejected == i
+  data = bytearray(st_save(good, metadata={"key": key_json, "crc32": cache._checksum(key_json, good)}))
+  store.path(key).write_bytes(bytes(data[:-4]))  # the last tensor cut short
+  assert store.load(key) is None and store.rejected == 4
+  store.path(key).write_bytes(bytes(data))
+  assert store.load(key) is not None and store.hits == 1
+
+
 def test_overlaps_are_cached_beside_the_subspaces(models, tmp_path, monkeypatch):
   """A warm run takes the report's overlaps from the cache (its projections skip them), same numbers;
   a damaged overlap entry is computed again and rewritten."""

@@ -21,8 +21,8 @@ Every entry carries its full key (model id, module, layer, weight shape, rank,
 SVD method and its options, format version) and a CRC-32 of its key and tensor
 bytes in the safetensors metadata (a check against corruption, not tampering: the
 cache is the user's own; CRC-32 reads 2x faster than sha256 here, and a warm run
-checks every entry; entries written with a sha256, before 2026-12-02, still load). :meth:`SubspaceCache.load` checks both, and the shapes
-and finiteness of what it read: an entry that fails any check is reported as
+checks every entry; entries written with a sha256, before 2026-12-02, still load). :meth:`SubspaceCache.load_into` (which :meth:`SubspaceCache.load`
+uses) checks both, and the dtypes, shapes and finiteness of what it read: an entry that fails any check is reported as
 rejected and treated as a miss, so the caller recomputes it and
 :meth:`SubspaceCache.store` overwrites it. Writes go to a temporary file in the
 same folder, then ``os.replace``: readers see a whole entry or none.
@@ -43,7 +43,6 @@ from typing import Any
 
 import numpy as np
 from absl import logging
-from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from crosslora_jax.core import kernels
@@ -179,36 +178,57 @@ class SubspaceCache:
 
   def load(self, key: EntryKey) -> kernels.Subspace | None:
     """The cached subspace (numpy float32), or None on a miss or a rejected entry."""
-    path = self.path(key)
-    try:
-      if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block read_bytes forever
-        return self._reject(path, "not a regular file")
-      data = path.read_bytes()
-    except FileNotFoundError:
-      self.misses += 1
+    rows = empty_rows(key, 1)
+    if not self.load_into(key, rows, 0):
       return None
-    except OSError as e:
-      return self._reject(path, f"unreadable ({e})")
-    try:
-      tensors = st_load(data)
-      meta = _metadata(data)
-    except Exception as e:  # safetensors raises its own types for bad headers/bytes
-      return self._reject(path, f"not a readable safetensors file ({type(e).__name__}: {e})")
-    key_json = key.to_json()
-    if meta.get("key") != key_json:
-      return self._reject(path, "key mismatch")
-    if set(tensors) != set(_FIELDS):
-      return self._reject(path, f"tensors {sorted(tensors)} instead of {list(_FIELDS)}")
-    if not _checksum_ok(meta, key_json, tensors):
-      return self._reject(path, "checksum mismatch")
+    return kernels.Subspace(rows.u[0], rows.s[0], rows.v[0], rows.energy[0])
+
+  def load_into(self, key: EntryKey, rows: kernels.Subspace, row: int) -> bool:
+    """Reads one entry straight into row ``row`` of stacked arrays (:func:`empty_rows`); False on a
+    miss or a rejected entry (that row then holds nothing to use).
+
+    One copy from the file into its place in the stack, where reading the bytes, parsing them
+    into arrays and stacking those made three (a warm run reads ~1 GB of entries on the real
+    pair). The checks are :meth:`load`'s: key, tensor names, dtypes and shapes, checksum, finite.
+    """
+    path = self.path(key)
     out_dim, in_dim = key.shape
     want = {"u": (out_dim, key.rank), "s": (key.rank,), "v": (in_dim, key.rank), "energy": (1,)}
-    for name, shape in want.items():
-      a = tensors[name]
-      if a.shape != shape or a.dtype != np.float32 or not np.isfinite(a).all():
-        return self._reject(path, f"{name}: float32 {shape} expected, got {a.dtype} {a.shape}")
+    dest = dict(zip(_FIELDS, (rows.u[row], rows.s[row], rows.v[row], rows.energy[row:row + 1])))
+    try:
+      if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read forever
+        return self._reject(path, "not a regular file")
+      with open(path, "rb") as f:
+        header, start = _read_header(f)
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or meta.get("key") != key.to_json():
+          return self._reject(path, "key mismatch")
+        if set(header) != set(_FIELDS):
+          return self._reject(path, f"tensors {sorted(header)} instead of {list(_FIELDS)}")
+        for name, shape in want.items():
+          info = header[name]
+          if not isinstance(info, dict) or info.get("dtype") != "F32" or info.get("shape") != list(shape):
+            got = (info.get("dtype"), info.get("shape")) if isinstance(info, dict) else info
+            return self._reject(path, f"{name}: float32 {shape} expected, got {got}")
+          begin, stop = info.get("data_offsets", (0, -1))
+          if stop - begin != dest[name].nbytes:
+            return self._reject(path, f"{name}: data offsets {begin}..{stop} do not fit {shape}")
+          f.seek(start + begin)
+          if f.readinto(memoryview(dest[name]).cast("B")) != dest[name].nbytes:
+            return self._reject(path, f"{name}: the file ends inside the tensor")
+    except FileNotFoundError:
+      self.misses += 1
+      return False
+    except OSError as e:
+      return self._reject(path, f"unreadable ({e})")
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # a header that is not what safetensors writes
+      return self._reject(path, f"not a readable safetensors file ({type(e).__name__}: {e})")
+    if not _checksum_ok(meta, key.to_json(), dest):
+      return self._reject(path, "checksum mismatch")
+    if not all(np.isfinite(a).all() for a in dest.values()):
+      return self._reject(path, "not finite")
     self.hits += 1
-    return kernels.Subspace(tensors["u"], tensors["s"], tensors["v"], tensors["energy"].reshape(()))
+    return True
 
   def store(self, key: EntryKey, sub: kernels.Subspace, *, describe: dict[str, Any] | None = None) -> None:
     """Writes one entry atomically (replacing a rejected one). ``describe`` goes to model.json once."""
@@ -264,23 +284,31 @@ class SubspaceCache:
     except OSError as e:
       logging.warning("subspace cache: %s: not written (%s: %s)", path, type(e).__name__, e.strerror or e)
 
-  def _reject(self, path: pathlib.Path, why: str) -> None:
+  def _reject(self, path: pathlib.Path, why: str) -> bool:
     self.rejected += 1
     logging.warning("subspace cache: %s: %s; recomputing it", path, why)
-    return None
+    return False
 
   def stats(self) -> dict[str, Any]:
     return {"root": str(self.root), "hits": self.hits, "misses": self.misses, "rejected": self.rejected,
             "writes": self.writes}
 
 
-def _metadata(data: bytes) -> dict[str, str]:
-  """The ``__metadata__`` of a safetensors byte string (header: u64 length + JSON)."""
-  n = int.from_bytes(data[:8], "little")
-  if n <= 0 or 8 + n > len(data):
+def empty_rows(key: EntryKey, n: int) -> kernels.Subspace:
+  """Uninitialised float32 stacks for ``n`` entries of ``key``'s shape and rank: u (n, out, r), s (n, r),
+  v (n, in, r), energy (n,); :meth:`SubspaceCache.load_into` fills a row."""
+  out_dim, in_dim = key.shape
+  return kernels.Subspace(np.empty((n, out_dim, key.rank), np.float32), np.empty((n, key.rank), np.float32),
+                          np.empty((n, in_dim, key.rank), np.float32), np.empty((n,), np.float32))
+
+
+def _read_header(f) -> tuple[dict[str, Any], int]:
+  """The JSON header of an open safetensors file (u64 length + JSON) and where its data starts."""
+  size = os.fstat(f.fileno()).st_size
+  n = int.from_bytes(f.read(8), "little")
+  if n <= 0 or 8 + n > size:
     raise ValueError("header length out of range")
-  header = json.loads(data[8:8 + n])
-  meta = header.get("__metadata__") or {}
-  if not isinstance(meta, dict):
-    raise ValueError("__metadata__ is not an object")
-  return meta
+  header = json.loads(f.read(n))
+  if not isinstance(header, dict):
+    raise ValueError("the header is not an object")
+  return header, 8 + n

@@ -260,5 +260,8 @@ class AgreedCache:
     sub = self.inner.load(key)
     return sub if agree(sub is not None) else None
 
+  def load_into(self, key, rows, row):
+    return agree(self.inner.load_into(key, rows, row))
+
   def __getattr__(self, name):
     return getattr(self.inner, name)

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from crosslora_jax.core import kernels, sharding, svd_solvers
-from crosslora_jax.core.cache import EntryKey, SubspaceCache, model_id
+from crosslora_jax.core.cache import EntryKey, SubspaceCache, empty_rows, model_id
 from crosslora_jax.formats.architectures import CANONICAL_MODULES
 from crosslora_jax.formats.checkpoint import BaseWeights
 
@@ -38,6 +38,7 @@ class Subspaces:
     self.cache = cache
     self.mesh = mesh
     self._memo: dict[tuple[str, int, int], kernels.Subspace] = {}
+    self._stacks: dict[tuple[str, int], tuple[tuple[int, ...], kernels.Subspace]] = {}  # the last whole cache read
     self._model_id = model_id(base.fingerprint()) if cache is not None else None
     self.seconds = 0.0  # reading weights + decomposing + cache reads/writes
     self.seconds_read = 0.0  # waiting for weights to be read and converted (not hidden by prefetch)
@@ -67,20 +68,29 @@ class Subspaces:
     return todo
 
   def stacked(self, module: str, layers: Sequence[int], rank: int) -> kernels.Subspace:
+    """(L, ...) stacks of the held subspaces of ``layers``: the cache's stacks themselves where these
+    layers are exactly what one read from the cache filled (a warm run), else a copy."""
+    loaded = self._stacks.get((module, rank))
+    if loaded is not None and loaded[0] == tuple(layers):
+      return loaded[1]
     return jax.tree.map(lambda *xs: np.stack(xs), *[self._memo[(module, l, rank)] for l in layers])
 
   def _load_cached(self, module: str, layers: list[int], rank: int,
                    progress: Callable[[int], None] | None) -> list[int]:
     """Takes what the cache holds of ``layers``; returns the layers still missing."""
     missing = []
-    for l in layers:
-      sub = self.cache.load(self.entry_key(module, l, rank))
-      if sub is None:
+    rows = empty_rows(self.entry_key(module, layers[0], rank), len(layers))  # read in place: no stacking later
+    for i, l in enumerate(layers):
+      if not self.cache.load_into(self.entry_key(module, l, rank), rows, i):
         missing.append(l)
       else:
-        self._memo[(module, l, rank)] = sub
+        self._memo[(module, l, rank)] = kernels.Subspace(rows.u[i], rows.s[i], rows.v[i], rows.energy[i])
         self._reads.pop((module, l), None)
         self.loaded += 1
+    if not missing:
+      for a in rows:
+        a.flags.writeable = False  # handed out as the stack itself: shared with the held rows
+      self._stacks[(module, rank)] = (tuple(layers), rows)
     if progress is not None and len(layers) > len(missing):
       progress(len(layers) - len(missing))
     return missing
@@ -156,6 +166,8 @@ class Subspaces:
     """Forgets ``module``'s subspaces except those of the layers in ``keep``."""
     for key in [k for k in self._memo if k[0] == module and k[1] not in keep]:
       del self._memo[key]
+    for key in [k for k in self._stacks if k[0] == module]:
+      del self._stacks[key]
 
   def svd_method(self, module: str, rank: int) -> str:
     """The solver this model's ``module`` weights go through: ``--svd``, with auto resolved for their shape."""
