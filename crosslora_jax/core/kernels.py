@@ -121,11 +121,11 @@ def batched_truncated_svd(w_loi: jax.Array, keys: jax.Array, *, rank: int, metho
   return map_layers(fn, w_loi, keys)
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "method", "n_oversamples", "n_power_iter"))
+@functools.partial(jax.jit, static_argnames=("rank", "method", "n_oversamples", "n_power_iter", "bits_of"))
 def batched_truncated_svds(stacks: tuple[jax.Array, ...], layer_ids: tuple[jax.Array, ...], seed: jax.Array,
                            module_id: jax.Array, *, rank: int, method: str | tuple[str, ...] = "exact",
-                           n_oversamples: int = DEFAULT_OVERSAMPLES,
-                           n_power_iter: int = DEFAULT_POWER_ITER) -> tuple[Subspace, ...]:
+                           n_oversamples: int = DEFAULT_OVERSAMPLES, n_power_iter: int = DEFAULT_POWER_ITER,
+                           bits_of: tuple[str | None, ...] | None = None) -> tuple[Subspace, ...]:
   """Several (L, out, in) stacks (one per model: a chunk's source and target weights) in one program.
 
   Each stack gets :func:`batched_truncated_svd`'s maths, its PRNG keys made in the
@@ -135,18 +135,44 @@ def batched_truncated_svds(stacks: tuple[jax.Array, ...], layer_ids: tuple[jax.A
   model's shape and randomized for the other's: still one program). The stacks run
   one after the other (an optimization barrier orders them): two LAPACK loops at
   once can deadlock jaxlib 0.10's CPU pool (see :func:`map_layers`).
+
+  ``bits_of``: per stack, None, or the 16-bit float dtype ("bfloat16", "float16") whose
+  bits a uint16 stack holds (:func:`as_bits`); each layer is bit-cast back and upcast
+  inside the layer loop, so no float32 copy of the whole stack is ever made.
   """
   per_stack = (method,) * len(stacks) if isinstance(method, str) else tuple(method)
-  if len(per_stack) != len(stacks):
-    raise ValueError(f"method: one name or one per stack ({len(stacks)}) expected, got {method!r}")
+  bits = (None,) * len(stacks) if bits_of is None else tuple(bits_of)
+  if len(per_stack) != len(stacks) or len(bits) != len(stacks):
+    raise ValueError(f"method and bits_of: one name or one per stack ({len(stacks)}) expected, "
+                     f"got {method!r}, {bits_of!r}")
   out: list[Subspace] = []
-  for w_loi, layers, stack_method in zip(stacks, layer_ids, per_stack):
+  for w_loi, layers, stack_method, dtype in zip(stacks, layer_ids, per_stack, bits):
     fn = functools.partial(truncated_svd, rank=rank, method=stack_method, n_oversamples=n_oversamples,
                            n_power_iter=n_power_iter)
+    if dtype is not None:
+      fn = functools.partial(_from_bits, fn, jnp.dtype(dtype))
     if out:
       _, w_loi = lax.optimization_barrier((out[-1], w_loi))
     out.append(map_layers(fn, w_loi, layer_keys(seed, module_id, layers)))
   return tuple(out)
+
+
+def as_bits(stack: np.ndarray) -> tuple[np.ndarray, str | None]:
+  """(a uint16 view, its dtype name) of a bfloat16 or float16 stack, else (the stack, None).
+
+  XLA's CPU backend has no 16-bit float dynamic-slice: given a bf16 stack, the layer
+  loop of :func:`map_layers` upcasts the whole stack to float32 before the loop (1.2 GiB
+  of temporaries for a chunk of 8 paper-shaped MLP weights of both models). A uint16
+  stack is sliced as it is, and :func:`batched_truncated_svds` (``bits_of``) upcasts one
+  layer at a time. The view costs nothing.
+  """
+  if str(stack.dtype) in ("bfloat16", "float16"):
+    return stack.view(np.uint16), str(stack.dtype)
+  return stack, None
+
+
+def _from_bits(fn, dtype, w_bits, key):
+  return fn(lax.bitcast_convert_type(w_bits, dtype), key)
 
 
 def layer_keys(seed: jax.Array, module_id: jax.Array, layers: jax.Array) -> jax.Array:

@@ -102,9 +102,11 @@ def truncated_svd_stacks(stacks: Sequence[np.ndarray], layer_ids: Sequence[np.nd
   one name, or one per stack (as :func:`kernels.batched_truncated_svds` takes it).
   """
   method = method if isinstance(method, str) else tuple(method)  # a static jit argument: hashable
-  options = dict(rank=rank, method=method, n_oversamples=n_oversamples, n_power_iter=n_power_iter)
+  stacks, bits_of = zip(*map(kernels.as_bits, stacks))  # 16-bit floats travel as their bits: no f32 copy
+  options = dict(rank=rank, method=method, n_oversamples=n_oversamples, n_power_iter=n_power_iter,
+                 bits_of=tuple(bits_of))
   seed, module_id = np.uint32(seed), np.uint32(module_id)
-  stacks, layer_ids = tuple(stacks), tuple(np.asarray(ids, np.uint32) for ids in layer_ids)
+  layer_ids = tuple(np.asarray(ids, np.uint32) for ids in layer_ids)
   if mesh is None:
     return kernels.batched_truncated_svds(stacks, layer_ids, seed, module_id, **options)
   for w in stacks:
@@ -116,11 +118,12 @@ def truncated_svd_stacks(stacks: Sequence[np.ndarray], layer_ids: Sequence[np.nd
   return _sharded_svds(stacks, layer_ids, seed, module_id, mesh=mesh, **options)
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "rank", "method", "n_oversamples", "n_power_iter"))
+@functools.partial(jax.jit, static_argnames=("mesh", "rank", "method", "n_oversamples", "n_power_iter", "bits_of"))
 def _sharded_svds(stacks, layer_ids, seed, module_id, *, mesh: Mesh, rank: int, method: str | tuple[str, ...],
-                  n_oversamples: int, n_power_iter: int) -> tuple[kernels.Subspace, ...]:
+                  n_oversamples: int, n_power_iter: int,
+                  bits_of: tuple[str | None, ...]) -> tuple[kernels.Subspace, ...]:
   local = functools.partial(kernels.batched_truncated_svds, rank=rank, method=method, n_oversamples=n_oversamples,
-                            n_power_iter=n_power_iter)
+                            n_power_iter=n_power_iter, bits_of=bits_of)
   stacked = tuple(PartitionSpec(AXIS) for _ in stacks)
   out = jax.shard_map(local, mesh=mesh, in_specs=(stacked, stacked, PartitionSpec(), PartitionSpec()),
                       out_specs=stacked)(stacks, layer_ids, seed, module_id)
