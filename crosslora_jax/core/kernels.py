@@ -134,45 +134,25 @@ def batched_truncated_svds(stacks: tuple[jax.Array, ...], layer_ids: tuple[jax.A
   one name for every stack or one per stack (``--svd auto`` may pick gram for one
   model's shape and randomized for the other's: still one program). The stacks run
   one after the other (an optimization barrier orders them): two LAPACK loops at
-  once can deadlock jaxlib 0.10's CPU pool (see :func:`map_layers`).
-
-  ``bits_of``: per stack, None, or the 16-bit float dtype ("bfloat16", "float16") whose
-  bits a uint16 stack holds (:func:`as_bits`); each layer is bit-cast back and upcast
-  inside the layer loop, so no float32 copy of the whole stack is ever made.
+  once can deadlock jaxlib 0.10's CPU pool (see :func:`map_layers`). ``bits_of``: per stack,
+  None or the 16-bit float dtype whose bits a uint16 stack holds (``sharding.as_bits``): each
+  layer is bit-cast back and upcast inside the layer loop.
   """
   per_stack = (method,) * len(stacks) if isinstance(method, str) else tuple(method)
   bits = (None,) * len(stacks) if bits_of is None else tuple(bits_of)
   if len(per_stack) != len(stacks) or len(bits) != len(stacks):
-    raise ValueError(f"method and bits_of: one name or one per stack ({len(stacks)}) expected, "
+    raise ValueError(f"method (or one name), bits_of: one per stack ({len(stacks)}) expected, "
                      f"got {method!r}, {bits_of!r}")
   out: list[Subspace] = []
   for w_loi, layers, stack_method, dtype in zip(stacks, layer_ids, per_stack, bits):
     fn = functools.partial(truncated_svd, rank=rank, method=stack_method, n_oversamples=n_oversamples,
                            n_power_iter=n_power_iter)
-    if dtype is not None:
-      fn = functools.partial(_from_bits, fn, jnp.dtype(dtype))
+    if dtype is not None:  # bits in, upcast per layer
+      fn = lambda w, key, fn=fn, dtype=jnp.dtype(dtype): fn(lax.bitcast_convert_type(w, dtype), key)  # noqa: E731
     if out:
       _, w_loi = lax.optimization_barrier((out[-1], w_loi))
     out.append(map_layers(fn, w_loi, layer_keys(seed, module_id, layers)))
   return tuple(out)
-
-
-def as_bits(stack: np.ndarray) -> tuple[np.ndarray, str | None]:
-  """(a uint16 view, its dtype name) of a bfloat16 or float16 stack, else (the stack, None).
-
-  XLA's CPU backend has no 16-bit float dynamic-slice: given a bf16 stack, the layer
-  loop of :func:`map_layers` upcasts the whole stack to float32 before the loop (1.2 GiB
-  of temporaries for a chunk of 8 paper-shaped MLP weights of both models). A uint16
-  stack is sliced as it is, and :func:`batched_truncated_svds` (``bits_of``) upcasts one
-  layer at a time. The view costs nothing.
-  """
-  if str(stack.dtype) in ("bfloat16", "float16"):
-    return stack.view(np.uint16), str(stack.dtype)
-  return stack, None
-
-
-def _from_bits(fn, dtype, w_bits, key):
-  return fn(lax.bitcast_convert_type(w_bits, dtype), key)
 
 
 def layer_keys(seed: jax.Array, module_id: jax.Array, layers: jax.Array) -> jax.Array:

@@ -91,6 +91,20 @@ def truncated_svd_layers(w_loi: np.ndarray | jax.Array, keys: jax.Array, *, mesh
                       n_power_iter=n_power_iter)
 
 
+def as_bits(stack: np.ndarray) -> tuple[np.ndarray, str | None]:
+  """(a uint16 view, its dtype name) of a bfloat16 or float16 stack, else (the stack, None).
+
+  XLA's CPU backend has no 16-bit float dynamic-slice: given a bf16 stack, the layer
+  loop of :func:`kernels.map_layers` upcasts the whole stack to float32 before the loop (1.2 GiB
+  of temporaries for a chunk of 8 paper-shaped MLP weights of both models). A uint16
+  stack is sliced as it is, and :func:`kernels.batched_truncated_svds` (``bits_of``) upcasts one
+  layer at a time. The view costs nothing.
+  """
+  if str(stack.dtype) in ("bfloat16", "float16"):
+    return stack.view(np.uint16), str(stack.dtype)
+  return stack, None
+
+
 def truncated_svd_stacks(stacks: Sequence[np.ndarray], layer_ids: Sequence[np.ndarray], *, seed: int,
                          module_id: int, mesh: Mesh | None, rank: int, method: str | tuple[str, ...],
                          n_oversamples: int = kernels.DEFAULT_OVERSAMPLES,
@@ -102,7 +116,7 @@ def truncated_svd_stacks(stacks: Sequence[np.ndarray], layer_ids: Sequence[np.nd
   one name, or one per stack (as :func:`kernels.batched_truncated_svds` takes it).
   """
   method = method if isinstance(method, str) else tuple(method)  # a static jit argument: hashable
-  stacks, bits_of = zip(*map(kernels.as_bits, stacks))  # 16-bit floats travel as their bits: no f32 copy
+  stacks, bits_of = zip(*map(as_bits, stacks))  # 16-bit floats travel as their bits: no f32 copy
   options = dict(rank=rank, method=method, n_oversamples=n_oversamples, n_power_iter=n_power_iter,
                  bits_of=tuple(bits_of))
   seed, module_id = np.uint32(seed), np.uint32(module_id)
