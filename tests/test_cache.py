@@ -136,6 +136,7 @@ def test_a_warm_read_fills_the_stack_in_place(models, tmp_path):
   subs = Subspaces(models[0], TransferConfig(rank=4, svd="exact"), cache=store)
   got = subs.get("q_proj", [0, 1], 4)
   assert subs.loaded == 2 and subs.computed == 0 and not got.u.flags.writeable
+  assert not subs._memo[("q_proj", 0, 4)].u.flags.writeable  # the held rows share the stack: read-only too
   for i in (0, 1):
     for x, y in zip(got, store.load(subs.entry_key("q_proj", i, 4))):
       np.testing.assert_array_equal(x[i], y)

@@ -78,19 +78,18 @@ class Subspaces:
   def _load_cached(self, module: str, layers: list[int], rank: int,
                    progress: Callable[[int], None] | None) -> list[int]:
     """Takes what the cache holds of ``layers``; returns the layers still missing."""
-    missing = []
     rows = empty_rows(self.entry_key(module, layers[0], rank), len(layers))  # read in place: no stacking later
+    hit = [self.cache.load_into(self.entry_key(module, l, rank), rows, i) for i, l in enumerate(layers)]
+    missing = [l for l, ok in zip(layers, hit) if not ok]
+    if not missing:
+      for a in rows:
+        a.flags.writeable = False  # handed out as the stack itself; set before the row views are taken
+      self._stacks[(module, rank)] = (tuple(layers), rows)
     for i, l in enumerate(layers):
-      if not self.cache.load_into(self.entry_key(module, l, rank), rows, i):
-        missing.append(l)
-      else:
+      if hit[i]:
         self._memo[(module, l, rank)] = kernels.Subspace(rows.u[i], rows.s[i], rows.v[i], rows.energy[i])
         self._reads.pop((module, l), None)
         self.loaded += 1
-    if not missing:
-      for a in rows:
-        a.flags.writeable = False  # handed out as the stack itself: shared with the held rows
-      self._stacks[(module, rank)] = (tuple(layers), rows)
     if progress is not None and len(layers) > len(missing):
       progress(len(layers) - len(missing))
     return missing
