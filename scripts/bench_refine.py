@@ -91,6 +91,11 @@ for _overrides in ARMS.values():
 COMPARED = "topk30-anchor"
 
 
+# RefineConfig fields a flag sets for every arm (the budget and the teacher's sampling), with their types.
+BUDGET = {"tokens": int, "sample_tokens": int, "steps": int, "batch": int, "lr": float, "seed": int, "eval_every": int,
+          "temperature": float, "top_p": float}
+
+
 def log(message: str) -> None:
   print(f"[{datetime.datetime.now(datetime.timezone.utc):%H:%M:%S}] {message}", file=sys.stderr, flush=True)
 
@@ -202,7 +207,7 @@ def arm_config(name: str, args) -> tuple[Any, dict[str, Any]]:
   from crosslora_jax.refine import RefineConfig
   overrides = dict(ARMS[name])
   extra = {k: overrides.pop(k) for k in ("init", "null", "random") if k in overrides}
-  budget = {k: getattr(args, k) for k in ("tokens", "sample_tokens", "steps", "batch", "lr", "seed", "eval_every") if getattr(args, k) is not None}
+  budget = {k: getattr(args, k) for k in BUDGET if getattr(args, k) is not None}
   return RefineConfig(**{**budget, **overrides, "cache_dir": str(pathlib.Path(args.cache_dir) / "corpus")}), extra
 
 
@@ -258,7 +263,8 @@ def arm_label(rec: dict[str, Any]) -> str:
   config, default = rec["report"]["config"], RefineConfig()
   notes = [f"seed {config['seed']}"] if config.get("seed", 0) else []
   notes += [f"{config[k]} {k}" for k in ("tokens", "steps", "batch") if config.get(k, getattr(default, k)) != getattr(default, k)]
-  notes += [f"lr {config['lr']:g}"] if config.get("lr", default.lr) != default.lr else []
+  notes += [f"{k.replace('_', ' ')} {config[k]:g}" for k in ("lr", "temperature", "top_p")
+            if config.get(k, getattr(default, k)) != getattr(default, k)]
   return rec["arm"] if not notes else f"{rec['arm']} ({', '.join(notes)})"
 
 
@@ -541,8 +547,7 @@ def main(argv=None) -> int:
   p.add_argument("--blocks", type=int, default=32, help="held-out blocks of 128 tokens")
   p.add_argument("--domain", default="pydoc", choices=textdata.DOMAINS,
                  help="the text the source adapter is trained on and the target evaluated on (crosslora_bench.textdata)")
-  for flag, kind in (("tokens", int), ("sample_tokens", int), ("steps", int), ("batch", int), ("lr", float), ("seed", int),
-                     ("eval_every", int)):
+  for flag, kind in BUDGET.items():
     p.add_argument(f"--{flag}", type=kind, default=None, help=f"RefineConfig.{flag} for every arm (default: RefineConfig's)")
   p.add_argument("--bound_lr", type=float, action="append", default=[],
                  help="also train the target's bound at this learning rate (repeatable); recovery uses the best bound measured")
