@@ -97,9 +97,11 @@ _LAYER_MAP = flags.DEFINE_enum("layer_map", _DEFAULTS.layer_map, planning.LAYER_
 _SVD = flags.DEFINE_enum("svd", _DEFAULTS.svd, kernels.SVD_METHODS,
                          "Truncated SVD algorithm: exact (full SVD), gram (eigh of the smaller Gram matrix), "
                          "randomized (subspace iteration seeded by --seed, 64 oversamples and 6 power iterations: "
-                         "the setting measured to keep the tail energy within 1.01x the optimum) or "
-                         "auto (per weight shape: randomized where it does no more arithmetic than gram, else "
-                         "gram; the report says which). Accuracy and speed in results/speed.md.")
+                         "the setting measured to keep the tail energy within 1.01x the optimum), krylov "
+                         "(randomized block Krylov seeded by --seed: rank + 576 columns from 5 block steps, the "
+                         "setting measured to keep the same bound) or auto (per weight shape: whichever of gram, "
+                         "randomized and krylov does the least arithmetic; the report says which). Accuracy and "
+                         "speed in results/speed.md.")
 _CACHE_DIR = flags.DEFINE_string("cache_dir", None, "Subspace cache folder: base-weight SVDs are saved here and "
                                  "reused by later runs (default: $CROSSLORA_CACHE/subspaces or "
                                  "~/.cache/crosslora_jax/subspaces).")

@@ -7,7 +7,7 @@ spectrum profile measured on SmolLM2-135M and Qwen2.5-Coder-0.5B, scaled to 0.02
 after an ahead-of-time compile (BLAS at one thread, as in the CLI); a layer pair's time is
 the sum over the 7 modules of both models (shapes repeat: q/o 2, k/v 2, gate/up/down 3).
 
-  python scripts/bench_paper_svd.py [--methods gram,randomized:64/6] [--rank 320]
+  python scripts/bench_paper_svd.py [--methods gram,randomized:64/6,krylov] [--rank 320]
 
 Prints one line per (method, shape) and a table; writes results/paper_svd.json.
 """
@@ -104,17 +104,17 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def auto_summary(rows: list[dict]) -> dict | None:
-  """``--svd auto``'s layer pair: per shape, the gram or randomized row (at randomized's defaults)
-  that ``svd_solvers.auto_method`` picks; None unless both were measured."""
+  """``--svd auto``'s layer pair: per shape, the gram, randomized (at its defaults) or krylov row
+  that ``svd_solvers.auto_method`` picks; None unless every row it picks was measured."""
   from crosslora_jax.core import svd_solvers
-  rand = f"randomized:{svd_solvers.RANDOMIZED_OVERSAMPLES}/{svd_solvers.RANDOMIZED_POWER_ITER}"
+  spec = {"gram": "gram", "krylov": "krylov",
+          "randomized": f"randomized:{svd_solvers.RANDOMIZED_OVERSAMPLES}/{svd_solvers.RANDOMIZED_POWER_ITER}"}
   by = {(x["model"], x["group"], x["method"]): x for x in rows}
   picked = []
   for x in rows:
     if x["method"] != "gram":
       continue
-    name = svd_solvers.auto_method(tuple(x["shape"]), x["rank"])
-    pick = x if name == "gram" else by.get((x["model"], x["group"], rand))
+    pick = by.get((x["model"], x["group"], spec[svd_solvers.auto_method(tuple(x["shape"]), x["rank"])]))
     if pick is None:
       return None
     picked.append(pick)
@@ -129,7 +129,7 @@ def auto_summary(rows: list[dict]) -> dict | None:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--methods", default="gram,randomized:64/6")
+  parser.add_argument("--methods", default="gram,randomized:64/6,krylov")
   parser.add_argument("--rank", type=int, default=bench_speed.RANK)
   parser.add_argument("--out", default=str(REPO / "results" / "paper_svd.json"))
   args = parser.parse_args()

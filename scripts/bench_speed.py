@@ -54,6 +54,7 @@ import numpy as np  # noqa: E402
 from crosslora_jax.formats.architectures import CANONICAL_MODULES  # noqa: E402
 
 MODULES = CANONICAL_MODULES
+SOLVERS = ("exact", "gram", "randomized", "krylov")  # the --svd methods measured beside the default (exact first)
 PAPER = {
     "source": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], num_hidden_layers=28, hidden_size=1536,
                    num_attention_heads=12, num_key_value_heads=2, head_dim=128, intermediate_size=8960,
@@ -608,12 +609,12 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
   R["warm8"] = timed(cli(src, tgt, runs / "warm8", runs / f"cache-{d}", adapter_dir=paths["batch"], svd=d),
                      work, f"jax-{d}-warm-8")
   # 3. the other SVD methods on the subset layers (cold), for accuracy and extrapolation.
-  others = [m for m in ("exact", "gram", "randomized") if m != d]
+  others = [m for m in SOLVERS if m != d]
   for method in others:
     R[f"{method}-subset"] = timed(cli(src, tgt, runs / f"{method}-subset", runs / f"cache-{method}-subset",
                                       adapter=sub_adapter, svd=method), work, f"jax-{method}-subset")
   kt = timed([sys.executable, str(pathlib.Path(__file__).resolve()), "--kernel_times", f"--source={src}",
-              f"--target={tgt}", f"--methods={','.join(('exact', 'gram', 'randomized'))}"], work, "kernel-times")
+              f"--target={tgt}", f"--methods={','.join(SOLVERS)}"], work, "kernel-times")
   res["kernel_times"] = json.loads(kt["stdout"].strip().splitlines()[-1])
   # 4. the PyTorch reference on --ref_layers layers.
   ref_cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--reference", f"--source={src}",
@@ -625,7 +626,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
   # 5. accuracy against exact on the subset layers.
   ref_out, ref_cache = runs / "exact-subset", runs / "cache-exact-subset"
   res["accuracy"] = {}
-  for method in ("gram", "randomized"):
+  for method in SOLVERS[1:]:
     out, cache = (runs / d, runs / f"cache-{d}") if method == d else (runs / f"{method}-subset",
                                                                        runs / f"cache-{method}-subset")
     res["accuracy"][method] = {"well_posed": subspace_errors(ref_cache, cache, {"source": src, "target": tgt}),
@@ -634,7 +635,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
   res["real"] = {}
   if "smollm2" in models and "qwen05" in models and not args.skip_real:
     real_adapter = REPO / "examples" / "smollm2-pydoc-lora"  # the shipped SmolLM2 LoRA, r 16 on 7 modules
-    for method in ("exact", "gram", "randomized") + ((d,) if d not in ("exact", "gram", "randomized") else ()):
+    for method in SOLVERS + ((d,) if d not in SOLVERS else ()):
       res["real"][method] = timed(cli(models["smollm2"], models["qwen05"], runs / f"real-{method}",
                                       runs / f"cache-real-{method}", adapter=real_adapter, svd=method),
                                   work, f"real-smollm2-qwen05-{method}")
@@ -645,7 +646,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     res["real_accuracy"] = {m: {"well_posed": subspace_errors(runs / "cache-real-exact", runs / f"cache-real-{m}",
                                                               real_models_used),
                                 "dw_rel": dw_differences(runs / "real-exact", runs / f"real-{m}")}
-                            for m in ("gram", "randomized")}
+                            for m in SOLVERS[1:]}
   res["spectra"] = spectra
   res["bench_seconds"] = time.perf_counter() - t_start
   res["subset_layers"] = subset
@@ -668,7 +669,7 @@ def summarize(res: dict[str, Any], args: argparse.Namespace, command: str) -> di
   full = R["default"]
   rows = [{"what": f"crosslora_jax --svd {d} (default), 28 layers, cold cache", "seconds": full["seconds"],
            "measured": True, "peak_gib": full["peak_gib"], "cpu_seconds": full["cpu_seconds"]}]
-  for method in ("exact", "gram", "randomized"):
+  for method in SOLVERS:
     if method == d:
       continue
     run = R[f"{method}-subset"]
@@ -808,7 +809,7 @@ def main() -> None:
   parser.add_argument("--skip_real", action="store_true")
   parser.add_argument("--default", default=None, help="the method of the whole-model run (default: the CLI's)")
   parser.add_argument("--study", choices=["accuracy", "spectra", "nll"])
-  parser.add_argument("--nll_methods", default="exact,gram,randomized", help="--study nll: --svd methods")
+  parser.add_argument("--nll_methods", default=",".join(SOLVERS), help="--study nll: --svd methods")
   parser.add_argument("--blocks", type=int, default=32, help="--study nll: held-out blocks of 128 tokens")
   parser.add_argument("--pairs", default="qwen05:qwen15,smollm2:qwen05,gemma:smollm2", help="--study accuracy")
   parser.add_argument("--rank", type=int, default=RANK, help="--study accuracy")

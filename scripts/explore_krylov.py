@@ -11,7 +11,8 @@ final QR and SVD grow with K.
   python scripts/explore_krylov.py [--configs 704/7,448/5] [--rank 320]
 
 A config P/Q is K = rank + P basis columns from Q Krylov steps. Same weights as
-scripts/bench_paper_svd.py (bench_speed's spectrum profile, singular values set exactly), BLAS at
+scripts/bench_paper_svd.py (singular values set exactly to the profile measured on the small
+real pair, or with ``--profile fallback`` bench_speed's synthetic one), BLAS at
 one thread as in the CLI. Prints one line per (shape, method) and writes results/krylov.json.
 """
 
@@ -71,6 +72,9 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--configs", default="704/7,448/5,192/5,64/5")
   p.add_argument("--rank", type=int, default=320)
+  p.add_argument("--profile", choices=("measured", "fallback"), default="measured",
+                 help="singular value profile: measured on SmolLM2-135M and Qwen2.5-Coder-0.5B (as bench_paper_svd, "
+                      "when they are cached) or bench_speed's synthetic fallback")
   p.add_argument("--out", default=str(REPO / "results" / "krylov.json"))
   args = p.parse_args()
   import jax
@@ -80,8 +84,13 @@ def main() -> None:
   fast = jax.jit(kernels.truncated_svd, static_argnames=("rank", "method", "n_oversamples", "n_power_iter"))
   kry = jax.jit(krylov_svd, static_argnames=("rank", "k_total", "n_iter"))
   key, rows = jax.random.key(0), []
+  profiles, profile = bench_speed.fallback_profile(), "fallback"
+  models = {k: v for k, v in bench_speed.real_models().items() if k in ("smollm2", "qwen05")}
+  if args.profile == "measured" and models:
+    profiles, profile = bench_speed.measure_spectra(models, layers_per_model=1)["mean"], "measured on " + ", ".join(models)
+  print(f"spectrum profile: {profile}", flush=True)
   with blas_threads(1):
-    for model, group, mult, shape, w, s in bench_paper_svd.paper_weights(bench_speed.fallback_profile()):
+    for model, group, mult, shape, w, s in bench_paper_svd.paper_weights(profiles):
       r = min(args.rank, *shape)
       if r >= shape[1]:
         continue  # full rank: every method is exact there
@@ -111,7 +120,7 @@ def main() -> None:
   print("\n| method | layer pair (s, full-rank k/v left out) | TFLOP | worst tail / optimum |\n|---|---:|---:|---:|")
   for name, v in summary.items():
     print(f"| {name} | {v['layer_pair_seconds']:.1f} | {v['layer_pair_tflop']:.2f} | {v['tail_ratio_max']:.4f} |")
-  pathlib.Path(args.out).write_text(json.dumps({"rank": args.rank, "machine": bench_speed.machine(),
+  pathlib.Path(args.out).write_text(json.dumps({"rank": args.rank, "profile": profile, "machine": bench_speed.machine(),
                                                 "rows": rows, "summary": summary}, indent=1))
 
 

@@ -45,7 +45,7 @@ import numpy as np
 from absl import logging
 from safetensors.numpy import save as st_save
 
-from crosslora_jax.core import kernels
+from crosslora_jax.core import kernels, svd_solvers
 
 CACHE_ENV = "CROSSLORA_CACHE"  # the cache root: <root>/subspaces, <root>/xla, <root>/models (crosslora_bench.zoo)
 FORMAT_VERSION = 3  # bump when a kernel's numbers change: older entries then miss
@@ -115,10 +115,9 @@ class EntryKey:
   def make(cls, model: str, module: str, layer: int, shape: tuple[int, int], *, rank: int, method: str,
            seed: int, n_oversamples: int, n_power_iter: int) -> "EntryKey":
     """A key where options that do not affect ``method``'s result are left out (None)."""
-    randomized = method in kernels.SEEDED_SVD_METHODS
+    options = svd_solvers.seeded_options(method, n_oversamples, n_power_iter)
     return cls(model, module, int(layer), (int(shape[0]), int(shape[1])), int(rank), method,
-               int(seed) if randomized else None, int(n_oversamples) if randomized else None,
-               int(n_power_iter) if randomized else None)
+               None if options is None else int(seed), *(options or (None, None)))
 
   def filename(self) -> str:
     opts = f"s{self.seed}-p{self.n_oversamples}-q{self.n_power_iter}-" if self.method in kernels.SEEDED_SVD_METHODS else ""

@@ -24,8 +24,8 @@ from jax import lax
 
 from crosslora_jax.core import svd_solvers
 from crosslora_jax.core.svd_solvers import HIGHEST, mm  # noqa: F401  (HIGHEST: part of this module's surface)
-SVD_METHODS = ("exact", "gram", "randomized", svd_solvers.AUTO)  # auto: gram or randomized per weight shape
-SEEDED_SVD_METHODS = ("randomized",)  # the SVD methods that draw from a PRNG key
+SVD_METHODS = ("exact", "gram", "randomized", "krylov", svd_solvers.AUTO)  # auto: the cheapest per weight shape
+SEEDED_SVD_METHODS = svd_solvers.SEEDED  # the SVD methods that draw from a PRNG key
 DEFAULT_SVD = svd_solvers.AUTO  # gram or randomized per shape; chosen from measured accuracy and speed (results/speed.md)
 DEFAULT_OVERSAMPLES = svd_solvers.RANDOMIZED_OVERSAMPLES
 DEFAULT_POWER_ITER = svd_solvers.RANDOMIZED_POWER_ITER
@@ -67,12 +67,14 @@ def truncated_svd(w_oi: jax.Array, key: jax.Array | None = None, *, rank: int, m
 
   Args:
     w_oi: (out, in) weight, any float dtype (upcast to float32 here).
-    key: PRNG key, used by ``method="randomized"`` only.
+    key: PRNG key, used by ``method="randomized"`` and ``"krylov"`` only.
     rank: static; at most min(out, in) (the planner clips it).
     method: ``"exact"`` (jnp.linalg.svd), ``"gram"`` (eigh of the smaller Gram
       matrix + Rayleigh–Ritz), ``"randomized"`` (subspace iteration from a
-      Gaussian start + Rayleigh–Ritz) or ``"auto"`` (gram or randomized, by
-      :func:`svd_solvers.resolve_method` on this shape and rank); see ``BUILD_NOTES.md`` for their accuracy.
+      Gaussian start + Rayleigh–Ritz), ``"krylov"`` (randomized block Krylov +
+      Rayleigh–Ritz, its own fixed setting) or ``"auto"`` (the cheapest of gram,
+      randomized and krylov, by :func:`svd_solvers.resolve_method` on this shape and
+      rank); see ``BUILD_NOTES.md`` for their accuracy.
     n_oversamples: randomized only: extra columns beyond ``rank``.
     n_power_iter: randomized only: multiplications by WᵀW.
 
@@ -104,6 +106,7 @@ _SVD_SOLVERS = {
     "exact": lambda w, rank, key, n_oversamples, n_power_iter: svd_solvers.exact_svd(w, rank),
     "gram": lambda w, rank, key, n_oversamples, n_power_iter: svd_solvers.gram_svd(w, rank),
     "randomized": svd_solvers.randomized_svd,
+    "krylov": lambda w, rank, key, n_oversamples, n_power_iter: svd_solvers.krylov_svd(w, rank, key),
 }
 
 

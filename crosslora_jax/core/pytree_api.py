@@ -182,8 +182,8 @@ def transfer_factors(w_s_oi: jax.Array, w_t_oi: jax.Array, a_ri: jax.Array, b_or
   in float32. The SVD rank is clipped to min(rank, out_s, in_s, out_t, in_t) as the
   planner does. ``svd`` defaults to "exact", which needs no key; the engine's
   default is ``kernels.DEFAULT_SVD``, so pass ``svd="exact"`` to both to compare
-  numbers. ``key`` (for ``svd="randomized"``, and ``"auto"`` where it picks randomized for a
-  weight's shape) is split between source and target, so randomized draws differ from the
+  numbers. ``key`` (for ``svd="randomized"`` or ``"krylov"``, and ``"auto"`` where it picks one of them
+  for a weight's shape) is split between source and target, so random draws differ from the
   engine's per-layer keys.
 
   >>> f = jax.jit(transfer_factors, static_argnames=STATIC_ARGNAMES)

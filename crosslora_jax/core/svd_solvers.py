@@ -7,8 +7,9 @@ orientation of ``w``, so a weight and its transpose cost the same.
 Arithmetic per (m, n) weight, m >= n, k = rank + oversamples (flops, leading terms;
 :func:`flops`): exact ~ 6mn² + 20n³ (LAPACK gesdd with thin vectors); gram
 2mn² + 9n³ (Gram matrix, full eigh) + 2mnk + 4mk² (Rayleigh–Ritz); randomized
-(2q + 1)·2mnk + CholeskyQR (q power iterations). :func:`auto_method` picks gram or
-randomized per (shape, rank) from these counts (``--svd auto``).
+(2q + 1)·2mnk + CholeskyQR (q power iterations); krylov 4mnbq + 2mnK + CholeskyQR of the
+(m, K) basis (K = rank + its oversamples, b = K / (q + 1)). :func:`auto_method` picks the one
+with the fewest per (shape, rank) from these counts (``--svd auto``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,28 @@ GRAM_OVERSAMPLES = 32  # eigh directions beyond the rank kept for gram's Rayleig
 # optimum on real and paper-shaped spectra (p 10, q 2 misses it by 10-13%).
 RANDOMIZED_OVERSAMPLES = 64
 RANDOMIZED_POWER_ITER = 6
-AUTO = "auto"  # per weight: gram or randomized, whichever does less arithmetic (auto_method)
+# krylov's setting, fixed (the --svd_oversamples / --svd_power_iter flags are randomized's): a basis
+# of rank + 576 columns from 5 block steps, measured to keep the tail energy within 1.01x the rank-r
+# optimum on paper-shaped weights with the real models' spectra at r 320 (results/krylov.json: worst
+# 1.0067; rank + 448 reaches 1.0137 on 8960 x 1536, rank + 64 misses by 12-23%).
+KRYLOV_OVERSAMPLES = 576
+KRYLOV_STEPS = 5
+AUTO = "auto"  # per weight: gram, randomized or krylov, whichever is expected to take least time (auto_method)
+# Each solver's flop rate relative to gram's, measured on the paper shapes with one BLAS thread on a
+# 2-core CPU (results/paper_svd.json, 2026-12-07): gram 116-166 GFLOP/s, randomized 71-115, krylov
+# 51-88 (its block QRs and eigh are LAPACK calls on one thread). auto weighs flops by these.
+RELATIVE_RATE = {"gram": 1.0, "randomized": 0.7, "krylov": 0.55}
+SEEDED = ("randomized", "krylov")  # the solvers that draw from a PRNG key
+
+
+def seeded_options(method: str, n_oversamples: int, n_power_iter: int) -> tuple[int, int] | None:
+  """The (oversamples, steps) ``method`` runs with: randomized's are the options given, krylov's
+  are fixed; None for the deterministic solvers. What a cache key must hold."""
+  if method == "randomized":
+    return int(n_oversamples), int(n_power_iter)
+  if method == "krylov":
+    return KRYLOV_OVERSAMPLES, KRYLOV_STEPS
+  return None
 
 
 def mm(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -120,6 +142,59 @@ def randomized_svd(w: jax.Array, rank: int, key: jax.Array, n_oversamples: int,
   return (u_big, s[:rank], v_small) if m >= n else (v_small, s[:rank], u_big)
 
 
+def krylov_svd(w: jax.Array, rank: int, key: jax.Array, n_oversamples: int = KRYLOV_OVERSAMPLES,
+               n_steps: int = KRYLOV_STEPS) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Randomized block Krylov (Musco & Musco 2015) built from matmuls, then Rayleigh–Ritz.
+
+  Works on x = the (big, small) orientation of ``w``. Keeps every block of the iteration:
+  z = orth[Ω, (xᵀx)Ω, …, (xᵀx)^q Ω] with Ω (small, b) Gaussian, q = ``n_steps`` and
+  b = ceil(K / (q + 1)) for K = rank + ``n_oversamples`` columns; each new block is
+  orthogonalised against the basis so far (two block Gram–Schmidt passes, then a Householder
+  QR of the block). An eigh of (x z)ᵀ(x z) then keeps the leading rank + ``GRAM_OVERSAMPLES``
+  directions of span(z), for the reason :func:`gram_svd` gives (it only has to separate the
+  top ``rank`` from directions 32 further down), and the SVD of x restricted to them ends as
+  :func:`randomized_svd` does: the SVD of a (K, K) R at K = rank + 576 would be most of the
+  cost, single-threaded in LAPACK.
+  Where the basis would fill the small side, z is the identity: the same final step on the
+  whole of x (a CholeskyQR of x, then the SVD of R), no random draw. The products with x cost 4·m·n·b·q + 2·m·n·K against
+  randomized's (2q + 1)·2·m·n·(rank + p): at equal accuracy on these spectra K must be
+  larger (its final CholeskyQR then costs more), so it wins on big square and wide weights.
+  """
+  m, n = w.shape
+  x = w if m >= n else w.T  # (big, small)
+  small = x.shape[1]
+  k = min(rank + n_oversamples, small)
+  b = -(-k // (n_steps + 1))
+  if b * (n_steps + 1) >= small:  # the basis would fill the small side: take all of it (x z = x)
+    z, xz = jnp.eye(small, dtype=x.dtype), x
+  else:
+    blocks = [jnp.linalg.qr(jax.random.normal(key, (small, b), dtype=x.dtype))[0]]
+    for _ in range(n_steps):
+      y = mm(x.T, mm(x, blocks[-1]))
+      basis = jnp.concatenate(blocks, axis=1)
+      for _ in range(2):
+        y = y - mm(basis, mm(basis.T, y))
+      blocks.append(jnp.linalg.qr(y)[0])
+    z = jnp.concatenate(blocks, axis=1)[:, :k]
+    xz = mm(x, z)
+    keep = min(rank + GRAM_OVERSAMPLES, k)
+    if keep < k:  # as gram does: eigh of (x z)ᵀ(x z) picks the leading rank + 32 of the k directions
+      _, evecs = jnp.linalg.eigh(mm(xz.T, xz))  # ascending
+      lead = evecs[:, ::-1][:, :keep]
+      z, xz = mm(z, lead), mm(xz, lead)
+  q, r = cholesky_qr(xz, passes=3)
+  u_r, s, v_rt = jnp.linalg.svd(r, full_matrices=False)
+  u_big, v_small = mm(q, u_r[:, :rank]), mm(z, v_rt[:rank].T)
+  return (u_big, s[:rank], v_small) if m >= n else (v_small, s[:rank], u_big)
+
+
+def krylov_fills(shape: tuple[int, int], rank: int) -> bool:
+  """Whether krylov's basis at its setting would fill the small side of ``shape`` (it then takes
+  the identity basis: a CholeskyQR of the whole weight, no random draw)."""
+  k = min(rank + KRYLOV_OVERSAMPLES, min(shape))
+  return -(-k // (KRYLOV_STEPS + 1)) * (KRYLOV_STEPS + 1) >= min(shape)
+
+
 def flops(method: str, shape: tuple[int, int], rank: int, *, n_oversamples: int = 0, n_power_iter: int = 0) -> float:
   """Leading-term flop count of one decomposition (see the module docstring); for benchmarks."""
   m, n = max(shape), min(shape)
@@ -133,24 +208,48 @@ def flops(method: str, shape: tuple[int, int], rank: int, *, n_oversamples: int 
     # CholeskyQR: one pass per iteration on each side, three at the end; a pass on (d, k) is ~4dk²
     qr = (n_power_iter + 3) * 4.0 * m * k * k + (n_power_iter + 2) * 4.0 * n * k * k
     return (2 * n_power_iter + 1) * 2.0 * m * n * k + qr + 20.0 * k ** 3
-  raise ValueError(f"method: one of exact, gram, randomized expected, got {method!r}")
+  if method == "krylov":
+    k = min(rank + KRYLOV_OVERSAMPLES, n)
+    b = -(-k // (KRYLOV_STEPS + 1))
+    if krylov_fills(shape, rank):  # the identity basis: x itself, a QR of it and an SVD of R
+      return 3 * 4.0 * m * n * n + 20.0 * n ** 3
+    products = 4.0 * m * n * b * KRYLOV_STEPS + 2.0 * m * n * k
+    reorth = sum(2 * 4.0 * n * b * (j + 1) * b + 4.0 * n * b * b for j in range(KRYLOV_STEPS))
+    keep = min(rank + GRAM_OVERSAMPLES, k)  # the eigh that picks rank + 32 of the k directions
+    pick = 2.0 * m * k * k + 9.0 * k ** 3 + 2.0 * (m + n) * k * keep if keep < k else 0.0
+    return products + reorth + pick + 3 * 4.0 * m * keep * keep + 20.0 * keep ** 3
+  raise ValueError(f"method: one of exact, gram, randomized, krylov expected, got {method!r}")
 
 
 def auto_method(shape: tuple[int, int], rank: int, *, n_oversamples: int = RANDOMIZED_OVERSAMPLES,
                 n_power_iter: int = RANDOMIZED_POWER_ITER) -> str:
-  """``--svd auto``'s choice for one (out, in) weight: ``"randomized"`` where its :func:`flops` at
-  (``n_oversamples``, ``n_power_iter``) are no more than gram's, else ``"gram"``.
+  """``--svd auto``'s choice for one (out, in) weight: of ``"gram"``, ``"randomized"`` (at
+  ``n_oversamples``, ``n_power_iter``) and ``"krylov"``, the one with the least :func:`flops`
+  over its :data:`RELATIVE_RATE` (on a tie the earlier in that order); krylov only where its
+  basis leaves part of the small side out (:func:`krylov_fills`): otherwise it decomposes the
+  whole weight, which gram does for less.
 
   A function of the weight's shape (either orientation) and rank only, so it is known before
   any weight is read: the cache key, the report and the compiled program use the method it
-  names. Randomized wins where r + p is a small part of the small side (paper q/o 3072 x 3072
-  at r 320); gram on thin weights (k/v) and at the real small pair's sizes.
+  names. Krylov wins where its basis is a small part of the small side (the paper target's q/o
+  3072 x 3072 and FFN 8192 x 3072 at r 320); gram on thin weights (k/v), on 1536 x 1536 and at
+  the real small pair's sizes.
 
   >>> auto_method((3072, 3072), 320), auto_method((896, 896), 320)
-  ('randomized', 'gram')
+  ('krylov', 'gram')
   """
-  randomized = flops("randomized", shape, rank, n_oversamples=n_oversamples, n_power_iter=n_power_iter)
-  return "randomized" if randomized <= flops("gram", shape, rank) else "gram"
+  return min(auto_costs(shape, rank, n_oversamples=n_oversamples, n_power_iter=n_power_iter).items(),
+             key=lambda item: item[1])[0]
+
+
+def auto_costs(shape: tuple[int, int], rank: int, *, n_oversamples: int = RANDOMIZED_OVERSAMPLES,
+               n_power_iter: int = RANDOMIZED_POWER_ITER) -> dict[str, float]:
+  """The solvers :func:`auto_method` weighs for one weight, each with its flops / relative rate."""
+  cost = {"gram": flops("gram", shape, rank),
+          "randomized": flops("randomized", shape, rank, n_oversamples=n_oversamples, n_power_iter=n_power_iter)}
+  if not krylov_fills(shape, rank):
+    cost["krylov"] = flops("krylov", shape, rank)
+  return {name: value / RELATIVE_RATE[name] for name, value in cost.items()}
 
 
 def resolve_method(method: str, shape: tuple[int, int], rank: int, *, n_oversamples: int = RANDOMIZED_OVERSAMPLES,

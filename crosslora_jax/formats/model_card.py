@@ -160,6 +160,9 @@ def _options(config: Mapping[str, Any], output_dtype: str | None) -> str:
     parts.append(f"{key} {value}")
   if config.get("svd") in ("randomized", "auto"):  # auto's randomized weights use these too
     parts.append(f"n_oversamples {config.get('n_oversamples')}, n_power_iter {config.get('n_power_iter')}")
+  if config.get("svd") in ("krylov", "auto"):  # krylov's setting is fixed
+    from crosslora_jax.core import svd_solvers
+    parts.append(f"krylov oversamples {svd_solvers.KRYLOV_OVERSAMPLES}, steps {svd_solvers.KRYLOV_STEPS}")
   anchor = config.get("anchor")
   if config.get("method") == "anchored" and isinstance(anchor, Mapping):
     parts.append("anchor " + ", ".join(f"{k} {v}" for k, v in sorted(anchor.items())))
