@@ -35,27 +35,13 @@ import bench_speed  # noqa: E402
 
 
 def krylov_svd(w, key, rank: int, k_total: int, n_iter: int):
-  """(u, s, v) of the rank-``rank`` SVD of w restricted to a block Krylov space of ``k_total`` columns."""
-  import jax
-  import jax.numpy as jnp
+  """The package's ``svd_solvers.krylov_svd`` at K = ``k_total`` columns from ``n_iter`` steps.
+
+  results/krylov.json and results/krylov_measured.json were written by this script's earlier
+  prototype of it, which ended with the SVD of the (K, K) R instead of the eigh that keeps
+  rank + 32 directions: same tails within the figures quoted in results/speed.md, slower."""
   from crosslora_jax.core import svd_solvers
-  mm = svd_solvers.mm
-  m, n = w.shape
-  x = w if m >= n else w.T  # (big, small)
-  k = min(k_total, x.shape[1])
-  b = -(-k // (n_iter + 1))
-  blocks = [jnp.linalg.qr(jax.random.normal(key, (x.shape[1], b), dtype=x.dtype))[0]]
-  for _ in range(n_iter):
-    y = mm(x.T, mm(x, blocks[-1]))
-    basis = jnp.concatenate(blocks, axis=1)
-    for _ in range(2):
-      y = y - mm(basis, mm(basis.T, y))
-    blocks.append(jnp.linalg.qr(y)[0])
-  z = jnp.concatenate(blocks, axis=1)[:, :max(k, rank)]
-  q, r = svd_solvers.cholesky_qr(mm(x, z), passes=3)
-  u_r, s, v_rt = jnp.linalg.svd(r, full_matrices=False)
-  u_big, v_small = mm(q, u_r[:, :rank]), mm(z, v_rt[:rank].T)
-  return (u_big, s[:rank], v_small) if m >= n else (v_small, s[:rank], u_big)
+  return svd_solvers.krylov_svd(w, rank, key, n_oversamples=k_total - rank, n_steps=n_iter)
 
 
 def krylov_flops(shape: tuple[int, int], rank: int, k_total: int, n_iter: int) -> float:
