@@ -39,7 +39,8 @@ def krylov_svd(w, key, rank: int, k_total: int, n_iter: int):
 
   results/krylov.json and results/krylov_measured.json were written by this script's earlier
   prototype of it, which ended with the SVD of the (K, K) R instead of the eigh that keeps
-  rank + 32 directions: same tails within the figures quoted in results/speed.md, slower."""
+  rank + 32 directions. The shipped 576/5 with the eigh step was measured again in
+  results/paper_svd.json (same or smaller tails there); the other configs were not."""
   from crosslora_jax.core import svd_solvers
   return svd_solvers.krylov_svd(w, rank, key, n_oversamples=k_total - rank, n_steps=n_iter)
 
