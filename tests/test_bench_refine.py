@@ -28,3 +28,21 @@ def test_check_picks_skip_undefined_values_and_keep_the_earlier_step_on_ties():
   assert picks["nll_selected"]["arms"] == [0.0]
   # the control's checks all pick step 8, which is worse than step 0 on held-out NLL
   assert all(abs(groups["controls"][0] - 0.1) < 1e-9 for groups in picks.values())
+
+
+def _run(pair, seed, nll, **config):
+  return {"arm": "topk50-anchor", "pair": pair, "nll_blocks": nll,
+          "report": {"config": {"seed": seed, **config}, "best_step": 16}}
+
+
+def test_lever_table_pairs_each_lever_with_the_default_at_its_seed_and_reports_the_seed_spread():
+  bases = {"a:b": {"base_nll": 3.0, "trained_nll": 2.0, "nll_blocks": [3.0, 3.0, 3.0]}}
+  records = [_run("a:b", 0, [2.5, 2.6, 2.7]), _run("a:b", 1, [2.6, 2.6, 2.8]),
+             _run("a:b", 1, [2.4, 2.5, 2.6], tokens=12288, batch=8), _run("a:b", 0, [2.7, 2.8, 2.9], lr=0.002)]
+  lines = bench.lever_table(records, bases, "topk50-anchor").splitlines()
+  rows = {line.split(" | ")[1]: line for line in lines if line.startswith("| a:b")}
+  assert set(rows) == {"seed 1 (against seed 0)", "tokens 12288, batch 8", "lr 0.002"}
+  assert "+0.067" in rows["seed 1 (against seed 0)"]  # seed 1 default − seed 0 default
+  assert "-0.167" in rows["tokens 12288, batch 8"]  # against the seed-1 default, not seed 0's
+  assert "+0.200" in rows["lr 0.002"]
+  assert "|Δ| 0.067 to 0.067 nats over 1 pair (" in lines[-1]
