@@ -70,8 +70,9 @@ REAL = {"smollm2": "smollm2-135m", "qwen05": "qwen2.5-coder-0.5b", "gemma": "gem
 GRID = np.linspace(0.0, 1.0, 65)  # spectra are stored as s_i / s_0 at these fractions i / min(m, n)
 GENERATOR_VERSION = 1
 RANK = 320
-TARGETS = {"default_minutes": 10.0, "speedup": 10.0, "extra_adapter_s": 2.0, "peak_gb": 4.0, "tail_ratio": 1.01,
-           "programs": 8}
+# The speed issue's targets (benchmarks, not timed tests; ratios from one run).
+TARGETS = {"default_minutes": 5.0, "speedup": 20.0, "real_speedup": 10.0, "real_warm_s": 5.0, "extra_adapter_s": 2.0,
+           "peak_gb": 4.0, "tail_ratio": 1.01, "programs": 8}
 COMPILE_LINE = "Finished XLA compilation of"  # what JAX_LOG_COMPILES=1 logs once per program built
 
 
@@ -263,9 +264,11 @@ def cli(source: pathlib.Path, target: pathlib.Path, out: pathlib.Path, cache_dir
 def reference_main(args: argparse.Namespace) -> None:
   """The paper authors' procedure in plain PyTorch (run as a child; prints one JSON line).
 
-  Per module and layer, per LoRA factor: fp32 SVD of the source and the target base
+  Per module and target layer, per LoRA factor: fp32 SVD of the source and the target base
   weight (torch.linalg.svd, full_matrices=False), rank-r truncation, P = lstsq(U_s, U_t)
-  (resp. V), and the factor mapped through it; nothing is cached or reused.
+  (resp. V), and the factor mapped through it; nothing is cached or reused. ``--ref_layers``
+  names target layers ("all": every one); each takes its source layer from the CLI's
+  ``--layer_map auto`` (the same index when the depths match, else by relative depth).
   """
   import ml_dtypes  # noqa: F401
   import torch
@@ -275,7 +278,9 @@ def reference_main(args: argparse.Namespace) -> None:
   dev = torch.device(args.ref_device)
   src, tgt = Checkpoint(args.source), Checkpoint(args.target)
   adapter = peft_format.read_adapter(args.adapter)
-  layers = [int(x) for x in args.ref_layers.split(",")]
+  from crosslora_jax.core.planning import layer_map
+  lmap = layer_map("auto", src.arch.num_layers, tgt.arch.num_layers)
+  layers = list(range(tgt.arch.num_layers)) if args.ref_layers == "all" else [int(x) for x in args.ref_layers.split(",")]
 
   def lstsq(a, b):  # CUDA's lstsq takes only overdetermined systems: the pseudo-inverse there
     return torch.linalg.lstsq(a, b).solution if dev.type == "cpu" else torch.linalg.pinv(a) @ b
@@ -283,11 +288,12 @@ def reference_main(args: argparse.Namespace) -> None:
   t0 = time.perf_counter()
   svds = 0
   for layer in layers:
+    s_layer = lmap[layer]
     for module in MODULES:
-      path = src.arch.module_path(layer, src.arch.stored_for(module)[0])
+      path = src.arch.module_path(s_layer, src.arch.stored_for(module)[0])
       pair = adapter.modules[path]
       for factor in ("A", "B"):
-        w_s = torch.from_numpy(np.asarray(src.weight(layer, module), np.float32)).to(dev)
+        w_s = torch.from_numpy(np.asarray(src.weight(s_layer, module), np.float32)).to(dev)
         w_t = torch.from_numpy(np.asarray(tgt.weight(layer, module), np.float32)).to(dev)
         r = min(RANK, *w_s.shape, *w_t.shape)
         u_s, _, vh_s = torch.linalg.svd(w_s, full_matrices=False)
@@ -642,6 +648,13 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     res["real"][f"{d}-warm"] = timed(cli(models["smollm2"], models["qwen05"], runs / f"real-{d}-warm",
                                          runs / f"cache-real-{d}", adapter=real_adapter, svd=d),
                                      work, f"real-smollm2-qwen05-{d}-warm")
+    # The same PyTorch reference on the whole real pair (every target layer): the cold-run ratio.
+    res["real_reference"] = timed([sys.executable, str(pathlib.Path(__file__).resolve()), "--reference",
+                                   f"--source={models['smollm2']}", f"--target={models['qwen05']}",
+                                   f"--adapter={real_adapter}", "--ref_layers=all", f"--threads={args.threads}"],
+                                  work, "torch-reference-real", {"OMP_WAIT_POLICY": "PASSIVE"})
+    inner = json.loads(res["real_reference"]["stdout"].strip().splitlines()[-1])
+    res["real_reference"].update(inner, process_seconds=res["real_reference"]["seconds"])
     real_models_used = {"source": models["smollm2"], "target": models["qwen05"]}
     res["real_accuracy"] = {m: {"well_posed": subspace_errors(runs / "cache-real-exact", runs / f"cache-real-{m}",
                                                               real_models_used),
@@ -691,19 +704,29 @@ def summarize(res: dict[str, Any], args: argparse.Namespace, command: str) -> di
   default_tail = max((v["tail_ratio"] for v in acc[d]["well_posed"].values() if v["tail_ratio"] is not None),
                      default=None) if d in acc else None
   peak = max(full["peak_gib"], w8["peak_gib"])
+  real, real_ref = res.get("real", {}), res.get("real_reference")
+  real_cold, real_warm = real.get(d), real.get(f"{d}-warm")
+  real_ratio = real_ref["loop_seconds"] / real_cold["seconds"] if real_ref and real_cold else None
   targets = {
-      "default <= 10 min (2-core CPU)": (full["seconds"] <= 60 * TARGETS["default_minutes"],
-                                         f"{full['seconds'] / 60:.1f} min"),
-      ">= 10x faster than the reference": (ref_full / full["seconds"] >= TARGETS["speedup"],
-                                           f"{ref_full / full['seconds']:.1f}x (reference extrapolated from "
-                                           f"{len(ref['layers'])} layer)"),
+      f"paper scale, cold, default, 2-core CPU <= {TARGETS['default_minutes']:g} min": (
+          full["seconds"] <= 60 * TARGETS["default_minutes"], f"{full['seconds'] / 60:.1f} min"),
+      f">= {TARGETS['speedup']:g}x the PyTorch reference in the same run": (
+          ref_full / full["seconds"] >= TARGETS["speedup"],
+          f"{ref_full / full['seconds']:.1f}x (reference extrapolated from {len(ref['layers'])} layer)"),
+      f"real pair, cold whole CLI >= {TARGETS['real_speedup']:g}x the PyTorch reference": (
+          None if real_ratio is None else real_ratio >= TARGETS["real_speedup"],
+          "not run" if real_ratio is None else f"{real_ratio:.1f}x ({real_cold['seconds']:.1f} s against the reference's "
+          f"{real_ref['loop_seconds']:.1f} s loop, all {len(real_ref['layers'])} target layers)"),
+      f"real pair, second adapter with warm caches <= {TARGETS['real_warm_s']:g} s": (
+          None if real_warm is None else real_warm["seconds"] <= TARGETS["real_warm_s"],
+          "not run" if real_warm is None else f"{real_warm['seconds']:.1f} s"),
       "extra adapter, warm cache <= 2 s": (extra <= TARGETS["extra_adapter_s"], f"{extra:.2f} s"),
       "peak host memory <= 4 GB": (peak * 2**30 <= TARGETS["peak_gb"] * 1e9, f"{peak:.2f} GiB"),
       f"default ({d}) tail energy <= 1.01x the rank-r optimum": (
           None if default_tail is None else default_tail <= TARGETS["tail_ratio"],
           "n/a" if default_tail is None else f"max {default_tail:.4f}x"),
       "compiled programs, cold default run <= 8": (full["programs"] <= TARGETS["programs"], str(full["programs"])),
-      "H200: whole transfer <= 30 s": (None, "no GPU in this task: not measured"),
+      "GPU: paper scale cold <= 20 s, warm <= 10 s (scripts/bench_speed_gpu.py)": (None, "not measured here (CPU bench)"),
   }
   return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
           "command": command, "default": d, "rows": rows, "batch": batch, "accuracy": acc, "kernel_times": kt,
@@ -711,6 +734,8 @@ def summarize(res: dict[str, Any], args: argparse.Namespace, command: str) -> di
                        "timing": report(v).get("timing")} for k, v in res.get("real", {}).items()},
           "programs": {k: v.get("programs") for k, v in R.items()}, "timing": report(full).get("timing"),
           "process_seconds": full["seconds"], "engine_seconds": report(full)["seconds"],
+          "real_reference": None if real_ref is None else {k: real_ref[k] for k in ("loop_seconds", "process_seconds",
+                                                                                    "svds", "layers", "peak_gib")},
           "real_accuracy": res.get("real_accuracy"), "targets": {k: {"met": v[0], "value": v[1]}
                                                                   for k, v in targets.items()},
           "bench_seconds": res["bench_seconds"], "load_average_end": os.getloadavg(), "spectra": res["spectra"],
@@ -725,8 +750,8 @@ def write_results(summary: dict[str, Any], out_dir: pathlib.Path) -> str:
   lines = [
       "# Speed at paper scale",
       "",
-      f"Measured {summary['date']} on {summary['machine']}. **No GPU was available in this task: "
-      "the H200 target is not measured.** The 2 cores are shared with other jobs (load average "
+      f"Measured {summary['date']} on {summary['machine']}. **A CPU run: "
+      "the GPU targets are scripts/bench_speed_gpu.py's.** The 2 cores are shared with other jobs (load average "
       f"at the end {summary['load_average_end'][0]:.1f}), so times are noisy: compare ratios within the run.",
       "",
       f"Command: `{summary['command']}` (total {summary['bench_seconds'] / 60:.0f} min).",
@@ -785,6 +810,10 @@ def write_results(summary: dict[str, Any], out_dir: pathlib.Path) -> str:
       split = ", ".join(f"{k} {v:.1f} s" for k, v in (r.get("timing") or {}).items())
       lines.append(f"- --svd {method}: {r['seconds']:.1f} s, peak {r['peak_gib']:.2f} GiB, {r['programs']} programs; "
                    f"engine {split}")
+    rr = summary.get("real_reference")
+    if rr:
+      lines.append(f"- PyTorch reference (the authors' procedure, every target layer, {rr['svds']} SVDs): loop "
+                   f"{rr['loop_seconds']:.1f} s (process {rr['process_seconds']:.1f} s), peak {rr['peak_gib']:.2f} GiB")
     for name, acc in (summary["real_accuracy"] or {}).items():
       lines.append(f"- {name} vs exact: tail {fmt_acc(wp(acc, 'tail_ratio'))}; angle {fmt_acc(wp(acc, 'angle_deg'))}; "
                    f"dW {fmt_acc(acc['dw_rel'])}")
@@ -817,6 +846,8 @@ def main() -> None:
   parser.add_argument("--study_layers", default="0,0.5,1", help="--study accuracy: layer fractions per model")
   parser.add_argument("--study_modules", default=",".join(MODULES), help="--study accuracy: modules")
   parser.add_argument("--study_noise", action="store_true", help="--study accuracy: add the exact + bf16 noise row")
+  parser.add_argument("--summarize_only", action="store_true",
+                      help="rebuild speed.{md,json} from the last whole bench's measurements (--workdir/bench_raw.json)")
   # Internal: the reference child.
   parser.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--kernel_times", action="store_true", help=argparse.SUPPRESS)
@@ -859,7 +890,14 @@ def main() -> None:
             f"direction angle max {s['angle_deg_max']:6.2f} deg  {s['gflop']:8.1f} GFLOP  {s['seconds']:7.2f} s  "
             f"dW max {100 * s['dw_rel_max']:6.2f}%  worst {s['worst']}")
     return
-  summary = summarize(bench(args), args, command)
+  raw = pathlib.Path(args.workdir).expanduser() / "bench_raw.json"
+  if args.summarize_only:  # rebuild the report from the last whole bench's measurements
+    saved = json.loads(raw.read_text())
+    res, command = saved["res"], saved["command"]
+  else:
+    res = bench(args)
+    raw.write_text(json.dumps({"res": res, "command": command}, default=str))
+  summary = summarize(res, args, command)
   print(write_results(summary, pathlib.Path(args.out)))
 
 
