@@ -98,7 +98,7 @@ _SVD = flags.DEFINE_enum("svd", _DEFAULTS.svd, kernels.SVD_METHODS,
                          "Truncated SVD algorithm: exact (full SVD), gram (eigh of the smaller Gram matrix), "
                          "randomized (subspace iteration seeded by --seed, 64 oversamples and 6 power iterations: "
                          "the setting measured to keep the tail energy within 1.01x the optimum), krylov "
-                         "(randomized block Krylov seeded by --seed: rank + 576 columns from 5 block steps, the "
+                         "(randomized block Krylov seeded by --seed: rank + 704 columns from 5 block steps, the "
                          "setting measured to keep the same bound) or auto (per weight shape: whichever of gram, "
                          "randomized and krylov does the least arithmetic; the report says which). Accuracy and "
                          "speed in results/speed.md.")

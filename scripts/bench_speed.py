@@ -632,7 +632,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
   # 5. accuracy against exact on the subset layers.
   ref_out, ref_cache = runs / "exact-subset", runs / "cache-exact-subset"
   res["accuracy"] = {}
-  for method in SOLVERS[1:]:
+  measured = SOLVERS[1:] + ((d,) if d not in SOLVERS else ())  # the default too when it is auto
+  for method in measured:
     out, cache = (runs / d, runs / f"cache-{d}") if method == d else (runs / f"{method}-subset",
                                                                        runs / f"cache-{method}-subset")
     res["accuracy"][method] = {"well_posed": subspace_errors(ref_cache, cache, {"source": src, "target": tgt}),
@@ -659,7 +660,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     res["real_accuracy"] = {m: {"well_posed": subspace_errors(runs / "cache-real-exact", runs / f"cache-real-{m}",
                                                               real_models_used),
                                 "dw_rel": dw_differences(runs / "real-exact", runs / f"real-{m}")}
-                            for m in SOLVERS[1:]}
+                            for m in measured}
   res["spectra"] = spectra
   res["bench_seconds"] = time.perf_counter() - t_start
   res["subset_layers"] = subset

@@ -25,10 +25,11 @@ GRAM_OVERSAMPLES = 32  # eigh directions beyond the rank kept for gram's Rayleig
 RANDOMIZED_OVERSAMPLES = 64
 RANDOMIZED_POWER_ITER = 6
 # krylov's setting, fixed (the --svd_oversamples / --svd_power_iter flags are randomized's): a basis
-# of rank + 576 columns from 5 block steps, measured to keep the tail energy within 1.01x the rank-r
-# optimum on paper-shaped weights with the real models' spectra at r 320 (results/krylov.json: worst
-# 1.0067; rank + 448 reaches 1.0137 on 8960 x 1536, rank + 64 misses by 12-23%).
-KRYLOV_OVERSAMPLES = 576
+# of rank + 704 columns from 5 block steps, measured to keep the tail energy within 1.01x the rank-r
+# optimum on paper-shaped weights at r 320 with each module's own spectrum measured on SmolLM2,
+# Qwen2.5-Coder-0.5B and Gemma-3: worst 1.0069 (up_proj, 8192 x 3072); rank + 576 reached 1.0111
+# there, though it stayed within 1.0067 on a profile of the first two models alone (results/speed.md).
+KRYLOV_OVERSAMPLES = 704
 KRYLOV_STEPS = 5
 AUTO = "auto"  # per weight: gram, randomized or krylov, whichever is expected to take least time (auto_method)
 # Each solver's flop rate relative to gram's, measured on the paper shapes with one BLAS thread on a
@@ -153,10 +154,11 @@ def krylov_svd(w: jax.Array, rank: int, key: jax.Array, n_oversamples: int = KRY
   QR of the block). An eigh of (x z)ᵀ(x z) then keeps the leading rank + ``GRAM_OVERSAMPLES``
   directions of span(z), for the reason :func:`gram_svd` gives (it only has to separate the
   top ``rank`` from directions 32 further down), and the SVD of x restricted to them ends as
-  :func:`randomized_svd` does: the SVD of a (K, K) R at K = rank + 576 would be most of the
+  :func:`randomized_svd` does: the SVD of a (K, K) R at K = rank + 704 would be most of the
   cost, single-threaded in LAPACK.
-  Where the basis would fill the small side, z is the identity: the same final step on the
-  whole of x (a CholeskyQR of x, then the SVD of R), no random draw. The products with x cost 4·m·n·b·q + 2·m·n·K against
+  Where the basis would fill the small side it is :func:`gram_svd` (no random draw): a
+  CholeskyQR of the whole weight loses the leading subspace's accuracy on ill-conditioned real
+  weights (tail 1.03x the optimum on Qwen2.5-Coder-0.5B's 896 x 896 q_proj at r 320). The products with x cost 4·m·n·b·q + 2·m·n·K against
   randomized's (2q + 1)·2·m·n·(rank + p): at equal accuracy on these spectra K must be
   larger (its final CholeskyQR then costs more), so it wins on big square and wide weights.
   """
@@ -165,23 +167,22 @@ def krylov_svd(w: jax.Array, rank: int, key: jax.Array, n_oversamples: int = KRY
   small = x.shape[1]
   k = min(rank + n_oversamples, small)
   b = -(-k // (n_steps + 1))
-  if b * (n_steps + 1) >= small:  # the basis would fill the small side: take all of it (x z = x)
-    z, xz = jnp.eye(small, dtype=x.dtype), x
-  else:
-    blocks = [jnp.linalg.qr(jax.random.normal(key, (small, b), dtype=x.dtype))[0]]
-    for _ in range(n_steps):
-      y = mm(x.T, mm(x, blocks[-1]))
-      basis = jnp.concatenate(blocks, axis=1)
-      for _ in range(2):
-        y = y - mm(basis, mm(basis.T, y))
-      blocks.append(jnp.linalg.qr(y)[0])
-    z = jnp.concatenate(blocks, axis=1)[:, :k]
-    xz = mm(x, z)
-    keep = min(rank + GRAM_OVERSAMPLES, k)
-    if keep < k:  # as gram does: eigh of (x z)ᵀ(x z) picks the leading rank + 32 of the k directions
-      _, evecs = jnp.linalg.eigh(mm(xz.T, xz))  # ascending
-      lead = evecs[:, ::-1][:, :keep]
-      z, xz = mm(z, lead), mm(xz, lead)
+  if b * (n_steps + 1) >= small:  # the basis would fill the small side: decompose the whole weight
+    return gram_svd(w, rank)
+  blocks = [jnp.linalg.qr(jax.random.normal(key, (small, b), dtype=x.dtype))[0]]
+  for _ in range(n_steps):
+    y = mm(x.T, mm(x, blocks[-1]))
+    basis = jnp.concatenate(blocks, axis=1)
+    for _ in range(2):
+      y = y - mm(basis, mm(basis.T, y))
+    blocks.append(jnp.linalg.qr(y)[0])
+  z = jnp.concatenate(blocks, axis=1)[:, :k]
+  xz = mm(x, z)
+  keep = min(rank + GRAM_OVERSAMPLES, k)
+  if keep < k:  # as gram does: eigh of (x z)ᵀ(x z) picks the leading rank + 32 of the k directions
+    _, evecs = jnp.linalg.eigh(mm(xz.T, xz))  # ascending
+    lead = evecs[:, ::-1][:, :keep]
+    z, xz = mm(z, lead), mm(xz, lead)
   q, r = cholesky_qr(xz, passes=3)
   u_r, s, v_rt = jnp.linalg.svd(r, full_matrices=False)
   u_big, v_small = mm(q, u_r[:, :rank]), mm(z, v_rt[:rank].T)
@@ -189,8 +190,8 @@ def krylov_svd(w: jax.Array, rank: int, key: jax.Array, n_oversamples: int = KRY
 
 
 def krylov_fills(shape: tuple[int, int], rank: int) -> bool:
-  """Whether krylov's basis at its setting would fill the small side of ``shape`` (it then takes
-  the identity basis: a CholeskyQR of the whole weight, no random draw)."""
+  """Whether krylov's basis at its setting would fill the small side of ``shape`` (it then is
+  :func:`gram_svd`, no random draw)."""
   k = min(rank + KRYLOV_OVERSAMPLES, min(shape))
   return -(-k // (KRYLOV_STEPS + 1)) * (KRYLOV_STEPS + 1) >= min(shape)
 
@@ -211,8 +212,8 @@ def flops(method: str, shape: tuple[int, int], rank: int, *, n_oversamples: int 
   if method == "krylov":
     k = min(rank + KRYLOV_OVERSAMPLES, n)
     b = -(-k // (KRYLOV_STEPS + 1))
-    if krylov_fills(shape, rank):  # the identity basis: x itself, a QR of it and an SVD of R
-      return 3 * 4.0 * m * n * n + 20.0 * n ** 3
+    if krylov_fills(shape, rank):  # gram's decomposition of the whole weight
+      return flops("gram", shape, rank)
     products = 4.0 * m * n * b * KRYLOV_STEPS + 2.0 * m * n * k
     reorth = sum(2 * 4.0 * n * b * (j + 1) * b + 4.0 * n * b * b for j in range(KRYLOV_STEPS))
     keep = min(rank + GRAM_OVERSAMPLES, k)  # the eigh that picks rank + 32 of the k directions
