@@ -150,3 +150,15 @@ def test_temperature_zero_is_greedy(tiny):
   greedy = lm.generate(PROMPTS, max_new_tokens=8, eos_ids=[])
   assert all(lm.generate(PROMPTS, max_new_tokens=8, eos_ids=[], temperature=0.0, top_p=p, seed=s) == greedy
              for p, s in ((0.5, 1), (1.0, 2)))
+
+
+def test_cache_bytes_is_the_cache_generate_allocates(tiny):
+  from crosslora_jax.lm import model
+  _, lm = tiny
+  longest, new = max(len(p) for p in PROMPTS), 5
+  cache = model.init_cache(lm.config, len(PROMPTS), sample._cache_len(longest, new), lm.params["embed"].dtype)
+  assert sample.cache_bytes(lm, len(PROMPTS), longest, new) == cache["k"].nbytes + cache["v"].nbytes
+  need = sample.cache_bytes(lm, len(PROMPTS), longest, new)
+  lm.generate(PROMPTS, max_new_tokens=new, max_cache_bytes=need)  # exactly enough is allowed
+  with pytest.raises(CrossLoraError, match="max_cache_bytes"):
+    lm.generate(PROMPTS, max_new_tokens=new, max_cache_bytes=need - 1)

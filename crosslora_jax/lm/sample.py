@@ -134,13 +134,22 @@ def _stop_sequences(lm: Any, stop: Any) -> list[list[int]]:
   return out
 
 
-def _check_cache_bytes(lm: Any, batch: int, cache_len: int, max_cache_bytes: int | None) -> None:
-  itemsize = jnp.dtype(lm.params["embed"].dtype).itemsize
+def _cache_len(longest_prompt: int, max_new_tokens: int) -> int:
+  return _round_up(_round_up(longest_prompt, PROMPT_BUCKET) + max_new_tokens, CACHE_BUCKET)
+
+
+def cache_bytes(lm: Any, batch: int, longest_prompt: int, max_new_tokens: int) -> int:
+  """Bytes of the KV cache ``generate`` allocates for ``batch`` prompts of at most ``longest_prompt`` tokens."""
   cfg = lm.config
-  cache_bytes = 2 * cfg.layers * batch * cache_len * cfg.kv_heads * cfg.head_dim * itemsize
-  if max_cache_bytes is not None and cache_bytes > max_cache_bytes:
-    raise CrossLoraError(f"max_cache_bytes: a KV cache of at most {max_cache_bytes} bytes asked for, but {batch} "
-                         f"prompts x {cache_len} slots need {cache_bytes}. Pass fewer prompts or fewer new tokens.")
+  itemsize = jnp.dtype(lm.params["embed"].dtype).itemsize
+  return 2 * cfg.layers * batch * _cache_len(longest_prompt, max_new_tokens) * cfg.kv_heads * cfg.head_dim * itemsize
+
+
+def _check_cache_bytes(lm: Any, batch: int, longest: int, max_new_tokens: int, max_cache_bytes: int | None) -> None:
+  need = cache_bytes(lm, batch, longest, max_new_tokens)
+  if max_cache_bytes is not None and need > max_cache_bytes:
+    raise CrossLoraError(f"max_cache_bytes: a KV cache of at most {max_cache_bytes} bytes asked for, but {batch} prompts "
+                         f"x {_cache_len(longest, max_new_tokens)} slots need {need}. Pass fewer prompts or fewer new tokens.")
 
 
 def _left_pad(prompts: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -178,8 +187,8 @@ def generate(lm: Any, prompt_ids: Any, *, max_new_tokens: int, temperature: floa
     raise CrossLoraError(f"prompt_ids: prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) within the "
                          f"model's context of {cfg.max_positions} expected. Shorten the prompt or ask for fewer tokens.")
   prompt_len = _round_up(longest, PROMPT_BUCKET)
-  cache_len = _round_up(prompt_len + max_new_tokens, CACHE_BUCKET)
-  _check_cache_bytes(lm, len(prompts), cache_len, max_cache_bytes)
+  cache_len = _cache_len(longest, max_new_tokens)
+  _check_cache_bytes(lm, len(prompts), longest, max_new_tokens, max_cache_bytes)
   pad_id = cfg.pad_id if cfg.pad_id is not None and 0 <= cfg.pad_id < cfg.vocab_size else 0
   ids, mask = _left_pad(prompts, prompt_len, pad_id)
   batch = len(prompts)

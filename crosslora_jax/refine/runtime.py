@@ -14,6 +14,12 @@ import numpy as np
 from crosslora_jax.progress import Progress, ProgressBar, enabled
 
 LENGTH_QUANTUM = 16
+# Prompts per teacher-sampling call. 64 would sample ~25% faster on 2 CPU cores (one decode step
+# serves every row of a call; measured in BUILD_NOTES, 2026-12-07), but the rows set the random
+# streams, so it would redraw every corpus measured so far: it waits for a change that redraws them
+# (teacher.cache_key carries the rows whenever they are not 32).
+SAMPLE_ROWS = 32
+SAMPLE_CACHE_BYTES = 1 << 30  # fewer rows a call where long prompts would need a larger KV cache
 
 
 def load_lm(folder: Any, adapter: Any = None, dtype: str = "float32") -> Any:
@@ -79,10 +85,19 @@ def sequence_logprobs(lm_obj: Any, rows: Sequence[Sequence[int]], *, batch: int,
   return [out[i, :max(len(r) - 1, 0)] for i, r in enumerate(rows)]
 
 
-def generate(lm_obj: Any, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float, top_p: float,
-             seed: int, eos_ids: list[int], progress: Progress, chunk: int = 32) -> list[list[int]]:
-  """New token ids per prompt (``lm.sample.generate``), in chunks of ``chunk`` prompts (seed + chunk index each)."""
+def sample_rows(lm_obj: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> int:
+  """Prompts per ``sample.generate`` call: SAMPLE_ROWS, fewer where their KV cache would pass SAMPLE_CACHE_BYTES."""
   from crosslora_jax.lm import sample
+  longest = max((len(p) for p in prompt_ids), default=1)
+  per_row = sample.cache_bytes(lm_obj, 1, longest, max_new_tokens)
+  return max(1, min(SAMPLE_ROWS, SAMPLE_CACHE_BYTES // per_row))
+
+
+def generate(lm_obj: Any, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float, top_p: float,
+             seed: int, eos_ids: list[int], progress: Progress) -> list[list[int]]:
+  """New token ids per prompt (``lm.sample.generate``), ``sample_rows`` prompts a call (seed + call index each)."""
+  from crosslora_jax.lm import sample
+  chunk = sample_rows(lm_obj, prompt_ids, max_new_tokens)
   bar = ProgressBar(enabled=enabled(progress), unit="sequence") if progress else None
   outputs: list[list[int]] = []
   for index, start in enumerate(range(0, len(prompt_ids), chunk)):
