@@ -93,7 +93,7 @@ COMPARED = "topk30-anchor"
 
 # RefineConfig fields a flag sets for every arm (the budget and the teacher's sampling), with their types.
 BUDGET = {"tokens": int, "sample_tokens": int, "steps": int, "batch": int, "lr": float, "seed": int, "eval_every": int,
-          "temperature": float, "top_p": float}
+          "temperature": float, "top_p": float, "pool": int}
 
 
 def log(message: str) -> None:
@@ -211,9 +211,15 @@ def arm_config(name: str, args) -> tuple[Any, dict[str, Any]]:
   return RefineConfig(**{**budget, **overrides, "cache_dir": str(pathlib.Path(args.cache_dir) / "corpus")}), extra
 
 
+LATER_FIELDS = {"pool": 1}  # RefineConfig fields added after records were written, at their defaults
+
+
 def record_key(pair: str, name: str, config, blocks: int) -> str:
   """The record's file name: what the arm measures, not where the cache lives."""
   settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "cache_dir"}
+  for field, default in LATER_FIELDS.items():  # records written before a field existed keep their names
+    if settings.get(field) == default:
+      del settings[field]
   body = json.dumps({"pair": pair, "arm": ARMS[name], "config": settings, "blocks": blocks}, sort_keys=True, default=str)
   return f"{pair.replace(':', '-').replace('/', '-')}-{name}-{hashlib.sha256(body.encode()).hexdigest()[:10]}"
 
@@ -478,7 +484,7 @@ def lever_table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]],
   s.e. (same corpus on both sides) does not include; the last line sums it up."""
   from crosslora_jax.refine import RefineConfig
   default = RefineConfig()
-  levers = ("tokens", "sample_tokens", "steps", "batch", "lr", "eval_every", "temperature", "top_p")
+  levers = ("tokens", "sample_tokens", "steps", "batch", "lr", "eval_every", "temperature", "top_p", "pool")
 
   def changed(rec):
     config = rec["report"]["config"]

@@ -42,6 +42,15 @@ def test_refine_trains_and_the_guard_holds_back_a_harmful_refine(models):
   np.testing.assert_allclose(unguarded.report["losses"], report["losses"], rtol=1e-5)  # deterministic for a seed
 
 
+def test_pool_writes_more_and_trains_on_as_many(models):
+  out = refine_adapter(models / "source", models / "adapter", models / "target", None,
+                       _config(models, tokens=12 * 16, pool=2, steps=2, eval_every=2), progress=False)
+  report = out.report
+  assert report["corpus"]["samples"] == 24  # 12 samples' budget, written twice over
+  assert report["tokens"]["heldout_samples"] == 2 and report["tokens"]["train_samples"] == 10
+  assert report["config"]["pool"] == 2
+
+
 def test_refine_from_an_init_adapter_keeps_its_spec(models, tmp_path):
   init = refine_adapter(models / "source", models / "adapter", models / "target", None,
                         _config(models, guard=False, steps=8), progress=False).adapter

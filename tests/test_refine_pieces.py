@@ -134,7 +134,8 @@ def test_cache_unwritable_root_is_not_an_error(tmp_path):
 @pytest.mark.parametrize("field,value", [("tokens", 0), ("tokens", -5), ("steps", 0), ("lr", 0.0), ("lr", float("nan")),
                                          ("fraction", 1.5), ("batch", 2.5), ("selection", "best"), ("loss", "kl2"),
                                          ("temperature", -1.0), ("rank", 0), ("heldout_fraction", 0.9),
-                                         ("seed", -1), ("anchor", -0.1), ("target_modules", ()), ("steps", True)])
+                                         ("seed", -1), ("anchor", -0.1), ("target_modules", ()), ("steps", True),
+                                         ("pool", 0)])
 def test_config_rejects_bad_values_in_one_line(field, value):
   with pytest.raises(CrossLoraError) as info:
     RefineConfig(**{field: value})
@@ -210,3 +211,55 @@ def test_student_learns_only_the_continuation_under_its_own_template():
   # Every teacher score sits on the continuation, so the student's carried scores add up to it.
   np.testing.assert_allclose(data.target[0].sum(), sum(scores), rtol=1e-6)
   assert not data.target[0, :n - 1][~np.asarray(expected_learn)].any()
+
+
+def test_teacher_sampling_rows_follow_the_kv_budget(monkeypatch, tmp_path):
+  from fixtures import make_lm_model
+  from crosslora_jax import lm as jlm
+  from crosslora_jax.lm import sample
+  from crosslora_jax.refine import runtime
+  make_lm_model("gpt2", tmp_path / "m")
+  lm = jlm.load(tmp_path / "m")
+  short, long = [[1, 2, 3]] * 10, [[1] * 60] * 10
+  assert runtime.sample_rows(lm, short, 8) == runtime.SAMPLE_ROWS  # a tiny model: the cap
+  budget = 4 * sample.cache_bytes(lm, 1, 60, 8)
+  monkeypatch.setattr(runtime, "SAMPLE_CACHE_BYTES", budget)
+  assert runtime.sample_rows(lm, long, 8) == 4
+  assert runtime.sample_rows(lm, short, 8) == min(runtime.SAMPLE_ROWS, budget // sample.cache_bytes(lm, 1, 3, 8))
+  monkeypatch.setattr(runtime, "SAMPLE_CACHE_BYTES", 1)
+  assert runtime.sample_rows(lm, long, 8) == 1  # never zero rows
+  # Calls of 4 rows, seed * 100_003 + call index each: the same as calling the sampler that way.
+  monkeypatch.setattr(runtime, "SAMPLE_CACHE_BYTES", budget)
+  got = runtime.generate(lm, long, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3, eos_ids=[], progress=False)
+  want = [row for i, start in enumerate(range(0, 10, 4))
+          for row in sample.generate(lm, long[start:start + 4], max_new_tokens=8, temperature=1.0, top_p=0.9,
+                                     seed=3 * 100_003 + i, eos_ids=[])]
+  assert got == want and len(got) == 10
+
+
+def test_corpus_key_carries_sample_rows_only_off_32(monkeypatch):
+  from crosslora_jax.refine import runtime, teacher
+  config = RefineConfig()
+  monkeypatch.setattr(runtime, "SAMPLE_ROWS", 32)
+  at_32 = teacher.cache_key("fp", "sha", None, config)
+  assert "sample_rows" not in at_32  # the keys of every corpus written so far
+  monkeypatch.setattr(runtime, "SAMPLE_ROWS", 64)
+  at_64 = teacher.cache_key("fp", "sha", None, config)
+  assert at_64 == {**at_32, "sample_rows": 64}
+
+
+def test_pool_trains_on_the_samples_the_adapter_changed_most():
+  from crosslora_jax.refine import pipeline
+  config = RefineConfig(tokens=96 * 8, pool=2)  # 8 samples, 1 held back; the teacher writes 16
+  assert (config.samples, config.heldout_samples, config.written_samples) == (8, 1, 16)
+  scores = np.random.default_rng(5).normal(size=16)
+  train, held = pipeline._split(16, config, scores)
+  rest = [i for i in range(16) if i not in set(held)]
+  assert len(held) == 1 and list(train) == sorted(sorted(rest, key=lambda i: -scores[i])[:7])
+  one = RefineConfig(tokens=96 * 8)  # pool 1: held back at random, every other sample trained on
+  train1, held1 = pipeline._split(8, one, scores[:8])
+  order = np.random.default_rng(one.seed).permutation(8)
+  assert list(held1) == sorted(order[:1]) and list(train1) == sorted(order[1:])
+  learn = np.array([[True, True, False], [False, False, False], [True, False, False]])
+  per_token = np.array([[1.0, 3.0, 100.0], [5.0, 5.0, 5.0], [-1.0, 9.0, 9.0]])
+  np.testing.assert_allclose(pipeline.sample_scores(per_token, learn), [2.0, -np.inf, -1.0])

@@ -35,6 +35,7 @@ _FLAG_FIELDS = {  # flag name -> RefineConfig field
     "refine_seed": "seed", "refine_rank": "rank", "refine_alpha": "alpha", "refine_select": "selection",
     "refine_fraction": "fraction", "refine_loss": "loss", "refine_anchor": "anchor", "refine_check": "check",
     "refine_eval_every": "eval_every", "refine_writer": "writer", "refine_clip": "clip", "refine_vocab_k": "vocab_k",
+    "refine_pool": "pool",
 }
 flags.DEFINE_integer("refine_tokens", _DEFAULTS.tokens, "--refine distill: synthetic tokens the teacher writes in all "
                      "(samples = ceil(tokens / sample_tokens), a share held back for the checks).", **_INT)
@@ -45,6 +46,9 @@ flags.DEFINE_float("refine_temperature", _DEFAULTS.temperature, "--refine distil
 flags.DEFINE_float("refine_top_p", _DEFAULTS.top_p, "--refine distill: teacher nucleus sampling mass, in (0, 1].")
 flags.DEFINE_integer("refine_steps", _DEFAULTS.steps, "--refine distill: student training steps (optimizer updates).",
                      **_INT)
+flags.DEFINE_integer("refine_pool", _DEFAULTS.pool, "--refine distill: the teacher writes this many times the "
+                     "samples; the student trains on the ones the adapter changed most (as many as with 1), "
+                     "held-back ones drawn from all: more teacher time, the same training time.", **_INT)
 flags.DEFINE_integer("refine_batch", _DEFAULTS.batch, "--refine distill: teacher samples per training step.", **_INT)
 flags.DEFINE_float("refine_lr", _DEFAULTS.lr, "--refine distill: peak AdamW learning rate (warmup, then cosine decay).")
 flags.DEFINE_integer("refine_seed", _DEFAULTS.seed, "--refine distill: seed of the teacher's sampling, the held-back "

@@ -32,7 +32,10 @@ class RefineConfig:
   written by source base + adapter at ``temperature`` / ``top_p`` from ``seed``;
   prompts from ``prompts_file`` (one a line or JSONL with a "prompt" field), else from
   the separator token alone. ``heldout_fraction`` of the samples are held back for the
-  stopping rule and the guard.
+  stopping rule and the guard. ``pool``: the teacher writes ``pool`` times the samples;
+  the held-back ones are drawn from all of them, and the student trains on the others whose
+  tokens the adapter changed most (mean score over their learnable tokens), as many as
+  ``pool`` 1 would train on: more teacher time, the same training time.
 
   Student: target base + LoRA of ``rank`` / ``alpha`` / ``target_modules`` (the source
   adapter's when None), trained ``steps`` steps of ``batch`` sequences at ``lr``.
@@ -64,6 +67,7 @@ class RefineConfig:
   seed: int = 0
   prompts_file: str | None = None
   heldout_fraction: float = 0.125
+  pool: int = 1
   selection: str = "topk"
   fraction: float = 0.5
   loss: str = "nll"
@@ -101,7 +105,7 @@ class RefineConfig:
       if not ok:
         problems.append(f"{name}: a number in {'(' if low_open else '['}{low}, {high}] expected, got {value!r}")
 
-    for name in ("tokens", "sample_tokens", "steps", "batch", "eval_every"):
+    for name in ("tokens", "sample_tokens", "steps", "batch", "eval_every", "pool"):
       positive_int(name)
     positive_int("warmup", allow_zero=True)
     positive_int("seed", allow_zero=True)
@@ -142,6 +146,11 @@ class RefineConfig:
   def samples(self) -> int:
     """Number of teacher samples (held-back ones included): ceil(tokens / sample_tokens), at least 2."""
     return max(2, -(-self.tokens // self.sample_tokens))
+
+  @property
+  def written_samples(self) -> int:
+    """Samples the teacher writes: ``pool`` times ``samples``."""
+    return self.samples * self.pool
 
   @property
   def heldout_samples(self) -> int:

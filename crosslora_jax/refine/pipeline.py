@@ -57,10 +57,23 @@ def _initial(target: Any, init_adapter: Any, source: peft_format.PeftAdapter, co
   return lora_lib.init_lora(target.config, spec, jax.random.PRNGKey(config.seed)), spec, "zero (B = 0)"
 
 
-def _split(n: int, config: RefineConfig) -> tuple[np.ndarray, np.ndarray]:
+def _split(n: int, config: RefineConfig, sample_scores: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(train rows, held-back rows): the held-back ones at random; with ``config.pool`` > 1 the
+  train rows are the ``samples - heldout_samples`` of the rest with the highest ``sample_scores``."""
   order = np.random.default_rng(config.seed).permutation(n)
   held = min(config.heldout_samples, n - 1)
-  return np.sort(order[held:]), np.sort(order[:held])
+  rest = order[held:]
+  if config.pool > 1 and sample_scores is not None:
+    keep = max(1, config.samples - held)
+    rest = rest[np.argsort(-sample_scores[rest], kind="stable")[:keep]]
+  return np.sort(rest), np.sort(order[:held])
+
+
+def sample_scores(scores: np.ndarray, learn: np.ndarray) -> np.ndarray:
+  """(N,) mean carried score over each sample's learnable tokens (-inf for a sample with none)."""
+  count = learn.sum(-1)
+  total = np.where(learn, scores, 0.0).sum(-1)
+  return np.where(count > 0, total / np.maximum(count, 1), -np.inf)
 
 
 def advantages(scores: np.ndarray, learn: np.ndarray, train_rows: np.ndarray) -> np.ndarray:
@@ -80,7 +93,7 @@ def prepare_student(target: Any, corpus: teacher.Corpus, config: RefineConfig,
   data = student.encode_corpus(corpus, target.tokenizer,
                                max_tokens=min(4 * config.sample_tokens + 64, target.config.max_positions),
                                mapping=mapping if config.vocab_k else None)
-  train_rows, held_rows = _split(len(corpus.texts), config)
+  train_rows, held_rows = _split(len(corpus.texts), config, sample_scores(data.target, data.learn))
   data.weights = np.zeros_like(data.target)
   if config.loss == "reward":
     data.weights = advantages(data.target, data.learn, train_rows)
@@ -94,7 +107,7 @@ def prepare_student(target: Any, corpus: teacher.Corpus, config: RefineConfig,
                                             selection=config.selection, fraction=config.fraction)
   # The target base's log-probs: always on held-back rows (the check), on train rows only when
   # the loss reads them (a forward pass over the corpus on the biggest model costs minutes on CPU).
-  rows = np.arange(len(corpus.texts)) if (config.loss != "nll" or config.anchor > 0) else held_rows
+  rows = np.sort(np.concatenate([train_rows, held_rows])) if (config.loss != "nll" or config.anchor > 0) else held_rows
   data.base_lp = np.zeros_like(data.target)
   data.base_lp[rows] = runtime.batched_logprobs(target, None, None, data.ids[rows], data.real[rows], batch=config.batch,
                                                 progress=False, what="target base log-probs")

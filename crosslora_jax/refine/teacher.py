@@ -72,15 +72,17 @@ def cache_key(source_fingerprint: str, adapter_sha: str, prompts: Sequence[str] 
               tokenizer_sha: str = "") -> dict[str, Any]:
   prompts_sha = hashlib.sha256("\x00".join(prompts).encode()).hexdigest() if prompts else None
   extra = {"vocab_k": config.vocab_k} if config.vocab_k else {}  # keys of corpora without candidates unchanged
+  if runtime.SAMPLE_ROWS != 32:  # the rows a call set the random streams; a key without them means 32
+    extra["sample_rows"] = runtime.SAMPLE_ROWS
   return {**extra, "source": hashlib.sha256(source_fingerprint.encode()).hexdigest(), "tokenizer": tokenizer_sha, "adapter": adapter_sha,
-          "prompts": prompts_sha, "samples": config.samples, "sample_tokens": config.sample_tokens,
+          "prompts": prompts_sha, "samples": config.written_samples, "sample_tokens": config.sample_tokens,
           "temperature": float(config.temperature), "top_p": float(config.top_p), "seed": config.seed}
 
 
 def prompt_texts(config: RefineConfig) -> list[str]:
   """One prompt text per sample: the file's prompts in turn, else "" (the separator token alone)."""
   prompts = read_prompts(config.prompts_file) if config.prompts_file else [""]
-  return [prompts[i % len(prompts)] for i in range(config.samples)]
+  return [prompts[i % len(prompts)] for i in range(config.written_samples)]
 
 
 def write_texts(teacher: Any, prompts: Sequence[str], config: RefineConfig, *, progress: Progress) -> tuple[list[str], list[int]]:
@@ -153,7 +155,7 @@ def cached_corpus(key: dict[str, Any], config: RefineConfig, write: Callable[[],
   status = "disabled"
   if config.use_cache:
     payload, status = corpus_cache.load(root, key)
-    if payload is not None and len(payload["texts"]) == config.samples and (not config.vocab_k or "cand_ids" in payload):
+    if payload is not None and len(payload["texts"]) == config.written_samples and (not config.vocab_k or "cand_ids" in payload):
       corpus = Corpus.from_payload(payload)
       return corpus, {"cache": "hit", "seconds": time.perf_counter() - start, "samples": len(corpus.texts),
                       "teacher_tokens": sum(len(s) for s in corpus.spans)}
