@@ -48,6 +48,7 @@ def test_pool_writes_more_and_trains_on_as_many(models):
   report = out.report
   assert report["corpus"]["samples"] == 24  # 12 samples' budget, written twice over
   assert report["tokens"]["heldout_samples"] == 2 and report["tokens"]["train_samples"] == 10
+  assert report["tokens"]["unused_samples"] == 12 and report["tokens"]["learnable_tokens"] < 24 * 16
   assert report["config"]["pool"] == 2
 
 

@@ -143,7 +143,8 @@ def refine_lines(refine: dict[str, Any]) -> list[str]:
       f"{corpus['samples']} samples, "
       f"{corpus['teacher_tokens']} tokens (cache {corpus['cache']})",
       f"  tokens kept {tokens['selected_tokens']} of {tokens['learnable_tokens']} ({selected}); "
-      f"{tokens['train_samples']} samples trained on, {tokens['heldout_samples']} held back",
+      f"{tokens['train_samples']} samples trained on, {tokens['heldout_samples']} held back"
+      + (f", {tokens['unused_samples']} left out (the pool's lowest scores)" if tokens.get("unused_samples") else ""),
       f"  training loss {loss} over {len(losses)} steps; held-back {at_best}",
       f"  shipped {refine['shipped']}: {refine['guard']}",
       f"  refine seconds: {seconds}",

@@ -114,9 +114,11 @@ def prepare_student(target: Any, corpus: teacher.Corpus, config: RefineConfig,
   if data.cand_ids is not None:
     from crosslora_jax.refine.vocab import candidate_logprobs
     data.cand_base = candidate_logprobs(target, data.ids, data.real, data.cand_ids, batch=config.batch)
-  info = {"student_tokens": int(data.real.sum()), "learnable_tokens": int(data.learn.sum()),
+  used = np.concatenate([train_rows, held_rows])  # every row unless config.pool > 1
+  info = {"student_tokens": int(data.real[used].sum()), "learnable_tokens": int(data.learn[used].sum()),
           "selected_tokens": int((data.weights[train_rows] > 0).sum()), "train_samples": int(len(train_rows)),
-          "heldout_samples": int(len(held_rows)), "length": int(data.ids.shape[1])}
+          "heldout_samples": int(len(held_rows)), "unused_samples": int(len(corpus.texts) - len(used)),
+          "length": int(data.ids.shape[1])}
   if data.cand_mask is not None:
     info["carried_candidates"] = int(data.cand_mask[train_rows].sum())
     info["positions_with_candidates"] = int(data.cand_mask[train_rows].any(-1).sum())
