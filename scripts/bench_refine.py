@@ -269,7 +269,7 @@ def arm_label(rec: dict[str, Any]) -> str:
   config, default = rec["report"]["config"], RefineConfig()
   notes = [f"seed {config['seed']}"] if config.get("seed", 0) else []
   notes += [f"{config[k]} {k}" for k in ("tokens", "steps", "batch") if config.get(k, getattr(default, k)) != getattr(default, k)]
-  notes += [f"{k.replace('_', ' ')} {config[k]:g}" for k in ("lr", "temperature", "top_p")
+  notes += [f"{k.replace('_', ' ')} {config[k]:g}" for k in ("lr", "temperature", "top_p", "pool")
             if config.get(k, getattr(default, k)) != getattr(default, k)]
   return rec["arm"] if not notes else f"{rec['arm']} ({', '.join(notes)})"
 
