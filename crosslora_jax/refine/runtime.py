@@ -14,8 +14,8 @@ import numpy as np
 from crosslora_jax.progress import Progress, ProgressBar, enabled
 
 LENGTH_QUANTUM = 16
-# Prompts per teacher-sampling call. 64 would sample ~25% faster on 2 CPU cores (one decode step
-# serves every row of a call; measured in BUILD_NOTES, 2026-12-07), but the rows set the random
+# Prompts per teacher-sampling call. 64 would sample 10-25% faster on 2 CPU cores (one decode step
+# serves every row of a call; docs/design.md, "Teacher sampling"), but the rows set the random
 # streams, so it would redraw every corpus measured so far: it waits for a change that redraws them
 # (teacher.cache_key carries the rows whenever they are not 32).
 SAMPLE_ROWS = 32
