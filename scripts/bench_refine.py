@@ -67,6 +67,9 @@ ARMS: dict[str, dict[str, Any]] = {  # name -> RefineConfig overrides (+ "init":
     "topk50-anchor": {"loss": "nll", "selection": "topk", "fraction": 0.5, "anchor": 1.0},
     "null-topk50-anchor": {"loss": "nll", "selection": "topk", "fraction": 0.5, "anchor": 1.0, "null": True, "guard": False},
     "random-topk50-anchor": {"loss": "nll", "selection": "topk", "fraction": 0.5, "anchor": 1.0, "random": True},
+    "topk50-anchor0.3": {"loss": "nll", "selection": "topk", "fraction": 0.5, "anchor": 0.3},
+    "topk50-anchor3": {"loss": "nll", "selection": "topk", "fraction": 0.5, "anchor": 3.0},
+    "null-topk50-anchor0.3": {"loss": "nll", "selection": "topk", "fraction": 0.5, "anchor": 0.3, "null": True, "guard": False},
     "topk70-anchor": {"loss": "nll", "selection": "topk", "fraction": 0.7, "anchor": 1.0},
     "null-topk70-anchor": {"loss": "nll", "selection": "topk", "fraction": 0.7, "anchor": 1.0, "null": True, "guard": False},
     "random-topk70-anchor": {"loss": "nll", "selection": "topk", "fraction": 0.7, "anchor": 1.0, "random": True},
@@ -478,7 +481,7 @@ def versus_table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]]
 
 
 def lever_table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]], goal_arm: str) -> str:
-  """Every run of ``goal_arm`` with a non-default budget, sampling or seed against the default run of
+  """Every run of ``goal_arm`` with a non-default budget, sampling, anchor weight or seed against the default run of
   the same pair at the same seed (default budget): the paired Δ NLL per run. A run that differs only
   in its seed is the yardstick: how far the corpus' draw alone moves the result, which the per-block
   s.e. (same corpus on both sides) does not include; the last line sums it up."""
@@ -486,11 +489,20 @@ def lever_table(records: list[dict[str, Any]], bases: dict[str, dict[str, Any]],
   default = RefineConfig()
   levers = ("tokens", "sample_tokens", "steps", "batch", "lr", "eval_every", "temperature", "top_p", "pool")
 
+  goal = ARMS[goal_arm]
+
+  def variant(arm: str) -> bool:  # goal_arm, or an arm that is goal_arm but for its anchor weight
+    same = lambda o: {k: v for k, v in o.items() if k != "anchor"}  # noqa: E731
+    return arm in ARMS and same(ARMS[arm]) == same(goal)
+
   def changed(rec):
     config = rec["report"]["config"]
-    return {k: config[k] for k in levers if config.get(k, getattr(default, k)) != getattr(default, k)}
+    out = {k: config[k] for k in levers if config.get(k, getattr(default, k)) != getattr(default, k)}
+    if config.get("anchor", goal["anchor"]) != goal["anchor"]:
+      out["anchor"] = config["anchor"]
+    return out
 
-  runs = [r for r in records if r["arm"] == goal_arm and "nll_blocks" in r]
+  runs = [r for r in records if variant(r["arm"]) and "nll_blocks" in r]
   plain = {(r["pair"], r["report"]["config"].get("seed", 0)): r for r in runs if not changed(r)}
   lines = [f"| pair | lever | seed | recovery | default's recovery | Δ NLL lever − default (± s.e., z) |",
            "|---|---|---|---|---|---|"]
