@@ -107,14 +107,14 @@ def prepare_student(target: Any, corpus: teacher.Corpus, config: RefineConfig,
                                             selection=config.selection, fraction=config.fraction)
   # The target base's log-probs: always on held-back rows (the check), on train rows only when
   # the loss reads them (a forward pass over the corpus on the biggest model costs minutes on CPU).
-  rows = np.sort(np.concatenate([train_rows, held_rows])) if (config.loss != "nll" or config.anchor > 0) else held_rows
+  used = np.sort(np.concatenate([train_rows, held_rows]))  # every row unless config.pool > 1
+  rows = used if (config.loss != "nll" or config.anchor > 0) else held_rows
   data.base_lp = np.zeros_like(data.target)
   data.base_lp[rows] = runtime.batched_logprobs(target, None, None, data.ids[rows], data.real[rows], batch=config.batch,
                                                 progress=False, what="target base log-probs")
   if data.cand_ids is not None:
     from crosslora_jax.refine.vocab import candidate_logprobs
     data.cand_base = candidate_logprobs(target, data.ids, data.real, data.cand_ids, batch=config.batch)
-  used = np.concatenate([train_rows, held_rows])  # every row unless config.pool > 1
   info = {"student_tokens": int(data.real[used].sum()), "learnable_tokens": int(data.learn[used].sum()),
           "selected_tokens": int((data.weights[train_rows] > 0).sum()), "train_samples": int(len(train_rows)),
           "heldout_samples": int(len(held_rows)), "unused_samples": int(len(corpus.texts) - len(used)),

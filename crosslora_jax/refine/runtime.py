@@ -17,8 +17,9 @@ LENGTH_QUANTUM = 16
 # Prompts per teacher-sampling call. 64 would sample 10-25% faster on 2 CPU cores (one decode step
 # serves every row of a call; docs/design.md, "Teacher sampling"), but the rows set the random
 # streams, so it would redraw every corpus measured so far: it waits for a change that redraws them
-# (teacher.cache_key carries the rows whenever they are not 32).
-SAMPLE_ROWS = 32
+# (teacher.cache_key carries the rows whenever they are not KEYLESS_SAMPLE_ROWS).
+KEYLESS_SAMPLE_ROWS = 32  # what a corpus key without "sample_rows" was sampled with
+SAMPLE_ROWS = KEYLESS_SAMPLE_ROWS
 SAMPLE_CACHE_BYTES = 1 << 30  # fewer rows a call where long prompts would need a larger KV cache
 
 

@@ -72,7 +72,7 @@ def cache_key(source_fingerprint: str, adapter_sha: str, prompts: Sequence[str] 
               tokenizer_sha: str = "") -> dict[str, Any]:
   prompts_sha = hashlib.sha256("\x00".join(prompts).encode()).hexdigest() if prompts else None
   extra = {"vocab_k": config.vocab_k} if config.vocab_k else {}  # keys of corpora without candidates unchanged
-  if runtime.SAMPLE_ROWS != 32:  # the rows a call set the random streams; a key without them means 32
+  if runtime.SAMPLE_ROWS != runtime.KEYLESS_SAMPLE_ROWS:  # the rows a call set the random streams
     extra["sample_rows"] = runtime.SAMPLE_ROWS
   return {**extra, "source": hashlib.sha256(source_fingerprint.encode()).hexdigest(), "tokenizer": tokenizer_sha, "adapter": adapter_sha,
           "prompts": prompts_sha, "samples": config.written_samples, "sample_tokens": config.sample_tokens,
